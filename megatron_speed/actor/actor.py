@@ -1,0 +1,165 @@
+"""The Megatron actor: policy shards, log-probs, the PPO-clip train step, and HF-named weight export.
+
+The loss runs through megatron-core's forward-backward schedule so micro-batching and pipeline
+parallelism come from the library. The loss function returns a token SUM and the number of tokens;
+with `calculate_per_token_loss` megatron divides the gradients by the token count summed over all
+micro-batches and data-parallel ranks, so "token-mean" is the true mean over the mini-batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_speed.actor.cpu_support import cpu_megatron
+from megatron_speed.actor.logprobs import token_logprobs
+from megatron_speed.actor.model import build_gpt_model
+from megatron_speed.actor.optimizer import build_optimizer
+from megatron_speed.algorithms.losses import ppo_clip_loss
+from megatron_speed.bridge import mapping_for
+from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm is not finite; the step is refused before any weight changes."""
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    tokens: torch.Tensor  # [b, S]
+    mask: torch.Tensor  # [b, S-1]
+    old_logprobs: torch.Tensor  # [b, S-1]
+    advantages: torch.Tensor  # [b, S-1]
+
+
+def _split(tokens: torch.Tensor, mask: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
+           size: int) -> list[MicroBatch]:
+    return [MicroBatch(tokens[i:i + size], mask[i:i + size], old[i:i + size], adv[i:i + size])
+            for i in range(0, tokens.shape[0], size)]
+
+
+class MegatronActor:
+    """Owns the model chunk, its optimizer and LR schedule on this rank."""
+
+    def __init__(self, hf_path: str | Path, *, model_cfg: ModelConfig, optim_cfg: OptimConfig,
+                 algorithm_cfg: AlgorithmConfig, temperature: float, total_steps: int, tp: int = 1,
+                 pp: int = 1) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from transformers import AutoConfig
+
+        self.hf_path = Path(hf_path)
+        self.hf_config = AutoConfig.from_pretrained(self.hf_path)
+        self.mapping = mapping_for(self.hf_config)
+        self.optim_cfg, self.algorithm_cfg, self.temperature = optim_cfg, algorithm_cfg, temperature
+        dtype = torch.bfloat16 if model_cfg.params_dtype == "bfloat16" else torch.float32
+        with cpu_megatron():
+            model = build_gpt_model(self.hf_config, params_dtype=dtype, tp=tp, pp=pp)
+            self._load_hf_weights(model)
+            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                       use_distributed_optimizer=False,
+                                                       check_for_nan_in_grad=False)
+            self.model = DistributedDataParallel(model.config, ddp_config, model)
+            model.config.finalize_model_grads_func = finalize_model_grads
+            model.config.no_sync_func = self.model.no_sync
+            self.optimizer, self.scheduler = build_optimizer(self.model, optim_cfg, total_steps=total_steps,
+                                                             bf16=dtype == torch.bfloat16)
+        self.version = 0
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model.module
+
+    def _load_hf_weights(self, model: torch.nn.Module) -> None:
+        from safetensors.torch import load_file
+
+        hf: dict[str, torch.Tensor] = {}
+        for file in sorted(self.hf_path.glob("*.safetensors")):
+            hf.update(load_file(file))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in self.mapping.from_hf(params, hf):
+                if params[name].shape != tensor.shape:
+                    raise ValueError(f"{name}: HF shape {tuple(tensor.shape)} != Megatron {tuple(params[name].shape)}")
+                params[name].copy_(tensor)
+
+    # --- forward/backward through megatron's schedule -------------------------------------------
+    def _forward_step(self, data_iterator: Iterator[MicroBatch], model: Any, *, train: bool) -> Any:
+        mb = next(data_iterator)
+        positions = torch.arange(mb.tokens.shape[1]).unsqueeze(0).expand_as(mb.tokens)
+        logits = model(mb.tokens, positions, attention_mask=None)
+        return logits, partial(self._loss, mb, train)
+
+    def _loss(self, mb: MicroBatch, train: bool, logits: torch.Tensor) -> tuple[Any, ...]:
+        logp = token_logprobs(logits, mb.tokens, temperature=self.temperature)
+        num_tokens = mb.mask.sum().to(torch.int)
+        if not train:
+            return logp.sum() * 0, num_tokens, {"logprobs": logp.detach()}
+        loss_sum, stats = ppo_clip_loss(logp, mb.old_logprobs, mb.advantages, mb.mask,
+                                        clip_low=self.algorithm_cfg.clip_low,
+                                        clip_high=self.algorithm_cfg.clip_high)
+        return loss_sum, num_tokens, {"loss_sum": loss_sum.detach(), **stats}
+
+    def _run_schedule(self, micro_batches: list[MicroBatch], *, train: bool) -> list[dict[str, Any]]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        return get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, train=train),
+            data_iterator=iter(micro_batches), model=[self.model], num_microbatches=len(micro_batches),
+            seq_length=micro_batches[0].tokens.shape[1], micro_batch_size=micro_batches[0].tokens.shape[0],
+            forward_only=not train)
+
+    @torch.no_grad()
+    def compute_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Log-probs [N, S-1] of each next token under the current weights."""
+        zeros = torch.zeros(tokens.shape[0], tokens.shape[1] - 1)
+        mbs = _split(tokens, zeros, zeros, zeros, self.optim_cfg.micro_batch_size)
+        self.model.eval()
+        with cpu_megatron():
+            out = self._run_schedule(mbs, train=False)
+        return torch.cat([o["logprobs"] for o in out], dim=0)
+
+    def train_step(self, tokens: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor,
+                   token_advantages: torch.Tensor) -> dict[str, float]:
+        """One RL step: optimizer updates over mini-batches of `optim.mini_batch_size` trajectories."""
+        stats: dict[str, float] = {}
+        size = self.optim_cfg.mini_batch_size
+        self.model.train()
+        for start in range(0, tokens.shape[0], size):
+            sl = slice(start, start + size)
+            mbs = _split(tokens[sl], mask[sl], old_logprobs[sl], token_advantages[sl],
+                         self.optim_cfg.micro_batch_size)
+            for key, value in self._optimizer_step(mbs).items():
+                stats[key] = stats.get(key, 0.0) + value
+        updates = math.ceil(tokens.shape[0] / size)
+        self.version += 1
+        return {k: (v / updates if k in ("grad_norm", "lr") else v) for k, v in stats.items()}
+
+    def _optimizer_step(self, mbs: list[MicroBatch]) -> dict[str, float]:
+        with cpu_megatron():
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            out = self._run_schedule(mbs, train=True)
+            sums = {k: float(sum(o[k] for o in out)) for k in out[0]}
+            if not math.isfinite(sums["loss_sum"]):
+                raise TrainingDiverged(f"loss is {sums['loss_sum']} at actor step {self.version}: refusing the "
+                                       "update; lower optim.lr or check the rewards for NaN")
+            ok, grad_norm, _ = self.optimizer.step()
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                raise TrainingDiverged(f"gradient norm is {grad_norm} at actor step {self.version}")
+            self.scheduler.step(increment=1)
+        tokens = max(sums.pop("tokens"), 1.0)
+        return {"loss": sums.pop("loss_sum") / tokens, "grad_norm": float(grad_norm or 0.0),
+                "lr": self.optimizer.param_groups[0]["lr"], **sums}
+
+    # --- weights out ------------------------------------------------------------------------------
+    def export_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream the policy as HF-named full tensors (TP=1: the local tensors are full)."""
+        for name, param in self.module.named_parameters():
+            yield from self.mapping.to_hf(name, param.detach())

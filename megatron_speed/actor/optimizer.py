@@ -1,0 +1,30 @@
+"""Optimizer and LR schedule from `megatron.core.optimizer` (Adam; distributed optimizer later)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_speed.config.schema import OptimConfig
+
+
+def build_optimizer(model: Any, cfg: OptimConfig, *, total_steps: int, bf16: bool) -> tuple[Any, Any]:
+    """Megatron's Adam over the DDP-wrapped model chunk, and a warm-up + cosine-to-min_lr schedule.
+
+    The schedule advances once per optimizer step; `total_steps` counts optimizer steps.
+    """
+    import torch
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad, bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=False)
+    optimizer = get_megatron_optimizer(config, [model])
+    decay_style = "constant" if cfg.min_lr == cfg.lr else "cosine"
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if cfg.lr_warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.lr_warmup_steps, lr_decay_steps=max(total_steps, cfg.lr_warmup_steps + 1),
+        lr_decay_style=decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
+        wd_incr_steps=max(total_steps, 1), wd_incr_style="constant")
+    return optimizer, scheduler

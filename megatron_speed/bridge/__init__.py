@@ -1,0 +1,26 @@
+"""HF <-> Megatron bridge: one declarative mapping per architecture family.
+
+`mapping_for(hf_config)` picks the family from the HF config's `model_type` and returns the
+`FamilyMapping` the converters and the live refit both use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_speed.bridge import qwen2
+from megatron_speed.bridge.mapping import FamilyMapping, HeadLayout, Rule, merge_qkv, split_qkv
+
+FAMILIES: dict[str, tuple[Rule, ...]] = {"qwen2": qwen2.RULES}
+
+
+def mapping_for(hf_config: Any) -> FamilyMapping:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported architecture model_type={model_type!r}; supported: "
+                         f"{', '.join(sorted(FAMILIES))}")
+    return FamilyMapping(FAMILIES[model_type], hf_config,
+                         tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)))
+
+
+__all__ = ["FAMILIES", "FamilyMapping", "HeadLayout", "Rule", "mapping_for", "merge_qkv", "split_qkv"]

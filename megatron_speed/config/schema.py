@@ -1,0 +1,256 @@
+"""The run's config tree: one small section per component, the whole run is `Config`.
+
+Sections hold plain values only (paths, numbers, names); runtime objects such as process groups,
+models and tokenizers are built from them by the components and never stored here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from megatron_speed.config.base import Section, require
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig(Section):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 1234
+    steps: int = 100  # RL steps (optimizer updates happen inside each step)
+    max_wall_seconds: float = 0.0  # 0 = no limit; otherwise stop after the first step past it
+    save_hf_every: int = 0  # write an HF-format copy of the policy every K steps (0 = only at the end)
+
+    def check(self) -> None:
+        require(self.steps >= 1, "steps", self.steps, "must be >= 1", "set run.steps to a positive count")
+        require(self.max_wall_seconds >= 0, "max_wall_seconds", self.max_wall_seconds, "must be >= 0",
+                "use 0 for no limit")
+        require(self.save_hf_every >= 0, "save_hf_every", self.save_hf_every, "must be >= 0",
+                "use 0 to save only at the end")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ToyTaskConfig(Section):
+    """The embedded arithmetic task: sums of `num_operands` numbers of 1..`max_digits` digits.
+
+    Each operand's digit count is uniform in 1..max_digits; the held-out split holds `eval_size`
+    distinct prompts and the train split never contains one of them (it may repeat its own)."""
+
+    max_digits: int = 4
+    num_operands: int = 2
+    train_size: int = 20000
+    eval_size: int = 512
+    seed: int = 0
+
+    def check(self) -> None:
+        require(1 <= self.max_digits <= 9, "max_digits", self.max_digits, "must be in 1..9",
+                "pick an operand width between 1 and 9 digits")
+        require(2 <= self.num_operands <= 4, "num_operands", self.num_operands, "must be in 2..4",
+                "pick 2, 3 or 4 operands")
+        require(self.train_size >= 1 and self.eval_size >= 1, "train_size", self.train_size,
+                "and eval_size must be >= 1", "give both splits at least one prompt")
+        distinct = 10 ** (self.max_digits * self.num_operands)
+        require(2 * self.eval_size <= distinct, "eval_size", self.eval_size,
+                f"must be at most half of the {distinct} distinct prompts of this task",
+                "lower toy.eval_size or raise toy.max_digits")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig(Section):
+    """Prompt files (jsonl or parquet with id, prompt, answer[, source]) or the toy task."""
+
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()
+    toy: ToyTaskConfig | None = None
+    strict: bool = False  # True: a bad row stops the run with its file and row; False: skip + count
+    shuffle: bool = True
+
+    def check(self) -> None:
+        require(bool(self.train_files) or self.toy is not None, "train_files", self.train_files,
+                "is empty and no toy task is configured", "set data.train_files=[path.jsonl] or use the toy_cpu recipe")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WarmupConfig(Section):
+    """Supervised warm start of the toy model on worked answers (skipped when cached on disk).
+
+    The length is a step count, not a time budget, so the warm start is the same on every machine;
+    the default leaves greedy held-out accuracy near 0.6 so that RL has room to improve it."""
+
+    steps: int = 900
+    lr: float = 2e-3
+    batch_size: int = 128
+    seed: int = 0  # model init and batch order
+
+    def check(self) -> None:
+        require(self.steps >= 0, "steps", self.steps, "must be >= 0",
+                "give the warm-up a step count (0 = random init)")
+        require(self.lr > 0, "lr", self.lr, "must be > 0", "use e.g. 2e-3")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1", "use e.g. 128")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig(Section):
+    """The policy. `hf_path` is an HF folder (config, safetensors, tokenizer); "toy" builds the
+    embedded tiny Qwen2 model and its tokenizer under run.output_dir's cache."""
+
+    hf_path: str = "toy"
+    params_dtype: Literal["float32", "bfloat16"] = "float32"
+    toy_hidden_size: int = 128
+    toy_layers: int = 3
+    toy_heads: int = 4
+    toy_kv_heads: int = 2  # < toy_heads: the toy exercises grouped-query attention in the bridge
+    toy_ffn_hidden_size: int = 512
+    toy_max_position_embeddings: int = 64
+    warmup: WarmupConfig = dataclasses.field(default_factory=WarmupConfig)
+
+    def check(self) -> None:
+        require(self.toy_hidden_size % self.toy_heads == 0, "toy_hidden_size", self.toy_hidden_size,
+                f"must be divisible by toy_heads ({self.toy_heads})", "change either so they divide")
+        require(self.toy_hidden_size // self.toy_heads >= 32, "toy_hidden_size", self.toy_hidden_size,
+                "gives a head dim below 32, which vLLM's CPU attention rejects",
+                "use toy_hidden_size >= 32 * toy_heads")
+        require(self.toy_kv_heads >= 1 and self.toy_heads % self.toy_kv_heads == 0, "toy_kv_heads",
+                self.toy_kv_heads, f"must be >= 1 and divide toy_heads ({self.toy_heads})",
+                "use e.g. toy_kv_heads=2 with toy_heads=4")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelConfig(Section):
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    def check(self) -> None:
+        require(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size,
+                "must be >= 1", "use 1 for no tensor parallelism")
+        require(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", self.pipeline_parallel_size,
+                "must be >= 1", "use 1 for no pipeline parallelism")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutConfig(Section):
+    n: int = 8  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = True
+    seed: int = 0
+
+    def check(self) -> None:
+        require(self.n >= 1, "n", self.n, "must be >= 1", "sample at least one response per prompt")
+        require(self.temperature > 0, "temperature", self.temperature,
+                "must be > 0 for RL sampling (vLLM treats 0 as greedy, which only allows n=1)",
+                "use 1.0, the papers' setting")
+        require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]", "use 1.0")
+        require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1",
+                "allow at least one response token")
+        require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
+                self.gpu_memory_utilization, "must be in (0, 1]", "use 0.3 on CPU, 0.6 on a shared GPU")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CurriculumConfig(Section):
+    """Which prompts each step trains on. "none": every sampled prompt, `prompts_per_step` of them."""
+
+    name: Literal["none"] = "none"
+    prompts_per_step: int = 32
+
+    def check(self) -> None:
+        require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step, "must be >= 1",
+                "train on at least one prompt per step")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardConfig(Section):
+    grader: str = "math_verify"  # a name in rewards.GRADERS or "module:function"
+    num_workers: int = 2
+    timeout_seconds: float = 5.0
+
+    def check(self) -> None:
+        require(self.num_workers >= 1, "num_workers", self.num_workers, "must be >= 1",
+                "use at least one grader process")
+        require(self.timeout_seconds > 0, "timeout_seconds", self.timeout_seconds, "must be > 0",
+                "give each answer a positive grading time, e.g. 5")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AlgorithmConfig(Section):
+    advantage: Literal["rloo"] = "rloo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    loss_aggregation: Literal["token-mean"] = "token-mean"
+
+    def check(self) -> None:
+        require(0 < self.clip_low < 1, "clip_low", self.clip_low, "must be in (0, 1)", "use 0.2")
+        require(self.clip_high > 0, "clip_high", self.clip_high, "must be > 0", "use 0.2 (0.28 for DAPO)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig(Section):
+    lr: float = 1e-4
+    min_lr: float = 1e-4
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0
+    mini_batch_size: int = 256  # trajectories per optimizer step
+    micro_batch_size: int = 64  # trajectories per forward/backward
+
+    def check(self) -> None:
+        require(self.lr > 0, "lr", self.lr, "must be > 0", "use e.g. 1e-6 at scale, 1e-4 on the toy")
+        require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]",
+                "set optim.min_lr <= optim.lr")
+        require(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "must be >= 1",
+                "use at least one trajectory per micro-batch")
+        require(self.mini_batch_size % self.micro_batch_size == 0, "mini_batch_size",
+                self.mini_batch_size, f"must be a multiple of micro_batch_size ({self.micro_batch_size})",
+                "make optim.mini_batch_size a multiple of optim.micro_batch_size")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig(Section):
+    """Held-out accuracy: greedy (temperature 0) on up to `max_prompts` held-out prompts."""
+
+    every: int = 10  # steps; 0 = only before and after training
+    max_prompts: int = 512
+
+    def check(self) -> None:
+        require(self.every >= 0, "every", self.every, "must be >= 0", "use 0 to evaluate only at the ends")
+        require(self.max_prompts >= 1, "max_prompts", self.max_prompts, "must be >= 1",
+                "evaluate on at least one prompt")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MetricsConfig(Section):
+    tensorboard: bool = True
+    progress_bar: bool = True
+    plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(Section):
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    curriculum: CurriculumConfig = dataclasses.field(default_factory=CurriculumConfig)
+    rewards: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+
+    def check(self) -> None:
+        batch = self.curriculum.prompts_per_step * self.rollout.n
+        require(batch % self.optim.mini_batch_size == 0, "optim.mini_batch_size", self.optim.mini_batch_size,
+                f"must divide the trajectories per step (curriculum.prompts_per_step x rollout.n = {batch})",
+                "pick a mini-batch size that divides it")
+        require(self.rollout.n >= 2 or self.algorithm.advantage not in ("rloo",), "rollout.n", self.rollout.n,
+                "must be >= 2 for a leave-one-out baseline", "set rollout.n=2 or more")
+        require(self.model.hf_path != "toy" or self.data.toy is not None, "model.hf_path",
+                self.model.hf_path, "is the toy model but data.toy is not set",
+                "use the toy_cpu recipe or point model.hf_path at an HF folder")

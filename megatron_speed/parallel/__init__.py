@@ -1,0 +1,78 @@
+"""The one place that builds process groups: torch.distributed plus megatron-core's parallel_state.
+
+Everything else asks `ParallelDims` (or megatron's parallel_state, which this module initialises)
+for ranks and groups and never calls `torch.distributed.init_process_group` itself. Under torchrun
+the world comes from the environment; a plain `python` process becomes a world of one. The backend
+is NCCL when CUDA is present and gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_speed.actor.cpu_support import cpu_megatron
+from megatron_speed.config.base import ConfigError
+from megatron_speed.config.schema import ParallelConfig
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world_size: int
+    rank: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_parallel(cfg: ParallelConfig, *, seed: int) -> ParallelDims:
+    """Initialise torch.distributed (if needed) and megatron's model-parallel groups."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, rank=rank, world_size=world)
+    world = dist.get_world_size()
+    model_parallel = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    if world % model_parallel:
+        raise ConfigError("parallel.tensor_parallel_size", cfg.tensor_parallel_size,
+                          f"x pipeline_parallel_size ({cfg.pipeline_parallel_size}) must divide the "
+                          f"world size ({world})", "change the parallel sizes or the number of processes")
+    with cpu_megatron():
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+        model_parallel_cuda_manual_seed(seed)
+    return ParallelDims(world_size=world, rank=dist.get_rank(),
+                        local_rank=int(os.environ.get("LOCAL_RANK", 0)), tp=cfg.tensor_parallel_size,
+                        pp=cfg.pipeline_parallel_size, dp=world // model_parallel, backend=backend)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

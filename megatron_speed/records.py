@@ -1,0 +1,88 @@
+"""Typed records passed between the loop's stages.
+
+Every stage hands the next one a record from this module, never a dict of lists: a prompt read from
+disk (`PromptRecord`), one sampled response (`Completion`), all responses for one prompt in one
+generation call (`RolloutGroup`), and the tensors the actor trains on (`TrainBatch`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptRecord:
+    """One verifiable prompt. `uid` is unique within a dataset and stable across runs."""
+
+    uid: str
+    prompt: str
+    answer: str
+    source: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleRequest:
+    """Ask the engine for `n` responses to `prompt`; `phase` travels to the resulting group."""
+
+    prompt: PromptRecord
+    n: int
+    phase: str = "train"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Completion:
+    """One sampled response: token ids and the engine's log-prob of each sampled token."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    text: str
+    finish_reason: str  # "stop" (end-of-sequence) or "length" (hit max_new_tokens)
+
+
+@dataclass(kw_only=True)
+class RolloutGroup:
+    """The responses to one prompt from one generation call, plus their rewards once scored.
+
+    `phase` says why the prompt was sampled ("train", "screen", "continue", "eval"); the curriculum
+    uses it instead of guessing from the group size. `policy_version` is the actor step whose
+    weights generated the group.
+    """
+
+    prompt: PromptRecord
+    prompt_token_ids: tuple[int, ...]
+    completions: list[Completion]
+    phase: str = "train"
+    policy_version: int = 0
+    rewards: list[float] = field(default_factory=list)
+
+    @property
+    def pass_rate(self) -> float:
+        return sum(r > 0 for r in self.rewards) / max(len(self.rewards), 1)
+
+
+@dataclass(kw_only=True)
+class TrainBatch:
+    """Right-padded sequences (prompt + response) grouped by prompt, ready for the actor.
+
+    Row i of every tensor is one trajectory; rows of prompt g are
+    `group_offsets[g]:group_offsets[g+1]`. `response_mask[i, t]` is 1 where token t+1 of the
+    sequence is a response token, i.e. the mask is aligned with next-token log-probs, so
+    `logprobs[i, t] = log p(tokens[i, t+1] | tokens[i, :t+1])`.
+    """
+
+    tokens: torch.Tensor  # [N, S] int64
+    response_mask: torch.Tensor  # [N, S-1] float32
+    rollout_logprobs: torch.Tensor  # [N, S-1] float32, engine log-probs, 0 off the response
+    rewards: torch.Tensor  # [N] float32
+    group_offsets: torch.Tensor  # [G+1] int64
+    uids: list[str]  # [G]
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum().item())

