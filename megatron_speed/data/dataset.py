@@ -80,11 +80,11 @@ class _Reader:
                             "(fix the row, or set data.strict=false to skip and count bad rows)")
         self.report.add(path.name, row, reason)
 
-    def take(self, path: Path, row: int, raw: Any) -> None:
-        """Keep `raw` as a record or skip it; `raw` is a dict, or the JSON error text of its line."""
+    def take(self, path: Path, row: int, raw: Any, error: str | None) -> None:
+        """Keep `raw` as a record or skip it; `error` says why the row could not be parsed at all."""
         self.report.rows += 1
-        if isinstance(raw, str):
-            return self.skip(path, row, INVALID_JSON, raw)
+        if error is not None:
+            return self.skip(path, row, INVALID_JSON, error)
         if not isinstance(raw, dict):
             return self.skip(path, row, INVALID_JSON, f"expected a JSON object, got {type(raw).__name__}")
         prompt = raw.get("prompt")
@@ -116,19 +116,19 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """`(line number, parsed object or error text)` for every non-blank line."""
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """`(line number, parsed object, parse error or None)` for every non-blank line."""
     with path.open("rb") as f:
         for row, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                yield row, json.loads(line)
+                yield row, json.loads(line), None
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-                yield row, f"not valid JSON ({exc})"
+                yield row, None, f"not valid JSON ({exc})"
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+def _parquet_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """`(row number, row dict)` for every row, reading only the columns a prompt needs."""
     try:
         import pyarrow.parquet as pq
@@ -141,10 +141,10 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
     for batch in parquet.iter_batches(batch_size=4096, columns=columns):
         for raw in batch.to_pylist():
             row += 1
-            yield row, raw
+            yield row, raw, None
 
 
-def _rows(path: Path) -> Iterator[tuple[int, Any]]:
+def _rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _jsonl_rows(path)
@@ -166,8 +166,8 @@ def read_many(paths: Iterable[str | Path], *, count_tokens: Callable[[str], int]
                          "token counter, or leave max_prompt_tokens=None")
     reader = _Reader(count_tokens=count_tokens, max_prompt_tokens=max_prompt_tokens, strict=strict)
     for path in map(Path, paths):
-        for row, raw in _rows(path):
-            reader.take(path, row, raw)
+        for row, raw, error in _rows(path):
+            reader.take(path, row, raw, error)
     return reader.records, reader.report
 
 

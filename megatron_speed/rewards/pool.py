@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_SECONDS = 120.0  # a fresh worker must import its grader within this time
 _STOP_GRACE_SECONDS = 2.0
+_MAX_START_FAILURES = 3  # workers in a row that die before ready: the grader cannot run here
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class RewardPool:
         self._timeout = float(timeout_seconds)
         self._ctx = multiprocessing.get_context("spawn")
         self._closed = False
+        self._start_failures = 0
         self._workers: list[_Worker] = []
         try:
             self._workers = [self._spawn() for _ in range(num_workers)]
@@ -224,6 +226,7 @@ class RewardPool:
             return
         if kind == "ready":
             worker.ready = True
+            self._start_failures = 0
         elif kind == "start":
             worker.acked = True
         elif kind == "fatal":
@@ -239,14 +242,16 @@ class RewardPool:
     def _on_death(self, worker: _Worker, tally: _Tally) -> None:
         """A worker's pipe closed: a started item is an error, an unacknowledged one goes back in line.
 
-        A worker that dies before it is ready means the grader cannot run here at all: that raises.
+        Several workers in a row dying before they are ready means the grader cannot run here: raise.
         """
         worker.process.join(timeout=_STOP_GRACE_SECONDS)
         code = worker.process.exitcode
         if not worker.ready:
-            raise RuntimeError(f"reward worker for grader {self._grader!r} exited during start-up "
-                               f"(exit code {code})")
-        if worker.item is not None and not worker.acked:
+            self._start_failures += 1
+            if self._start_failures >= _MAX_START_FAILURES:
+                raise RuntimeError(f"{self._start_failures} reward workers for grader {self._grader!r} "
+                                   f"in a row exited during start-up (last exit code {code})")
+        elif worker.item is not None and not worker.acked:
             tally.pending.appendleft(worker.item)
         elif worker.item is not None:
             tally.errors += 1

@@ -52,7 +52,7 @@ BAD_FILE = [
     {"id": "p2", "answer": "1"},
     {"id": "long", "prompt": "one two three four five six", "answer": "1"},
     {"id": "g1", "prompt": "again", "answer": "4"},
-    "[1, 2, 3]",
+    '"just a string"',
     {"id": "chat", "prompt": [{"role": "user", "content": "hi"}], "answer": "1"},
     {"uid": "u1", "prompt": "What is 3*3?", "answer": 9, "source": "mult"},
 ]

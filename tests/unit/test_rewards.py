@@ -80,6 +80,17 @@ def test_math_verify_pool_scores_in_order() -> None:
     assert isinstance(empty, ScoreResult) and (empty.scores, empty.timeouts, empty.errors) == ([], 0, 0)
 
 
+def wait_until_dead(pid: int) -> None:
+    """Block until `pid` (a child of this process, so left a zombie until reaped) has exited."""
+    status = Path(f"/proc/{pid}/status")
+    give_up = time.monotonic() + 10.0
+    while time.monotonic() < give_up:
+        if not status.exists() or "State:\tZ" in status.read_text():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} is still running")
+
+
 @pytest.fixture(scope="module")
 def scripted_pool() -> Iterator[RewardPool]:
     with RewardPool(SCRIPTED, num_workers=2, timeout_seconds=TIMEOUT) as pool:
@@ -127,6 +138,7 @@ def test_worker_killed_while_idle_is_replaced(scripted_pool: RewardPool) -> None
     victim = scripted_pool.worker_pids[0]
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
+    wait_until_dead(victim)
     result = scripted_pool.score([("a", "a"), ("b", "b"), ("c", "c")])
     assert (result.scores, result.timeouts, result.errors) == ([1.0] * 3, 0, 0)
     assert victim not in scripted_pool.worker_pids

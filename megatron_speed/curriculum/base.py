@@ -1,0 +1,58 @@
+"""The curriculum decides, between rollout and loss, which prompts are sampled and which groups train.
+
+Protocol: `plan()` returns the `SampleRequest`s for the next ONE generation call; `update(groups)`
+takes the scored groups of that call and returns the groups to train on now, or `None` when not
+enough finished groups exist yet. State needed to resume lives in `state_dict()`.
+
+`UniformCurriculum` ("none") is the base algorithms' behaviour: every step samples
+`prompts_per_step` fresh prompts with `rollout.n` responses each and trains on all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from megatron_speed.config.schema import CurriculumConfig
+from megatron_speed.data.sampler import PromptSampler
+from megatron_speed.records import RolloutGroup, SampleRequest
+
+
+class Curriculum(Protocol):
+    def plan(self) -> list[SampleRequest]: ...
+
+    def update(self, groups: list[RolloutGroup]) -> list[RolloutGroup] | None: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class UniformCurriculum:
+    """No selection: train on every sampled prompt."""
+
+    def __init__(self, cfg: CurriculumConfig, sampler: PromptSampler, *, n: int) -> None:
+        self.cfg, self.sampler, self.n = cfg, sampler, n
+
+    def plan(self) -> list[SampleRequest]:
+        return [SampleRequest(prompt=p, n=self.n, phase="train") for p in self.sampler.next(self.cfg.prompts_per_step)]
+
+    def update(self, groups: list[RolloutGroup]) -> list[RolloutGroup] | None:
+        return groups
+
+    def metrics(self) -> dict[str, float]:
+        return {"curriculum/epoch": float(self.sampler.epoch)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
+CURRICULA = {"none": UniformCurriculum}
+
+
+def build_curriculum(cfg: CurriculumConfig, sampler: PromptSampler, *, n: int) -> Curriculum:
+    return CURRICULA[cfg.name](cfg, sampler, n=n)

@@ -1,0 +1,123 @@
+"""Build everything the loop needs from a validated `Config`: the one place runtime objects are made."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron_speed.actor.actor import MegatronActor
+from megatron_speed.checkpoint import save_hf_folder
+from megatron_speed.config.base import to_dict
+from megatron_speed.config.schema import Config
+from megatron_speed.curriculum.base import Curriculum, build_curriculum
+from megatron_speed.data import PromptSampler, read_many
+from megatron_speed.metrics import MetricsLogger
+from megatron_speed.parallel import ParallelDims, init_parallel
+from megatron_speed.records import PromptRecord
+from megatron_speed.rewards import RewardPool
+from megatron_speed.rollout.engine import VLLMEngine
+
+log = logging.getLogger("megatron_speed")
+
+
+@dataclass
+class Components:
+    cfg: Config
+    dims: ParallelDims
+    out_dir: Path
+    hf_path: Path
+    engine: VLLMEngine
+    actor: MegatronActor
+    rewards: RewardPool
+    curriculum: Curriculum
+    logger: MetricsLogger
+    eval_records: list[PromptRecord]
+    pad_id: int
+
+    def save_hf(self, tag: str) -> Path | None:
+        """Export the policy in HF format under out_dir/hf/<tag> (rank 0 writes)."""
+        tensors = list(self.actor.export_hf_weights())
+        if not self.dims.is_main:
+            return None
+        return save_hf_folder(self.out_dir / "hf" / tag, self.hf_path, tensors)
+
+    def close(self) -> None:
+        self.rewards.close()
+        self.logger.close()
+
+
+def _on_main_first(dims: ParallelDims, fn: Any) -> Any:
+    """Run `fn` on rank 0, then on the others (who find its cached result)."""
+    if dims.is_main:
+        result = fn()
+    if dims.world_size > 1:
+        dist.barrier()
+    return result if dims.is_main else fn()
+
+
+def prepare_data(cfg: Config, out_dir: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Paths of the train and held-out prompt files; the toy task writes its splits first."""
+    if cfg.data.toy is None:
+        return cfg.data.train_files, cfg.data.eval_files
+    from megatron_speed.data.toy_task import make_problems, write_jsonl
+
+    data_dir = out_dir / "data"
+    train = write_jsonl(make_problems(cfg.data.toy, "train"), data_dir / "toy_train.jsonl")
+    held_out = write_jsonl(make_problems(cfg.data.toy, "eval"), data_dir / "toy_eval.jsonl")
+    return (*cfg.data.train_files, str(train)), (*cfg.data.eval_files, str(held_out))
+
+
+def prepare_model(cfg: Config) -> Path:
+    if cfg.model.hf_path != "toy":
+        return Path(cfg.model.hf_path)
+    from megatron_speed.toy.warmup import prepare_toy_model
+
+    assert cfg.data.toy is not None  # guaranteed by Config.check
+    return prepare_toy_model(cfg.model, cfg.data.toy, Path(cfg.run.output_dir) / "cache")
+
+
+def read_split(paths: tuple[str, ...], cfg: Config, engine: VLLMEngine, *, max_prompt_tokens: int,
+               name: str) -> list[PromptRecord]:
+    records, report = read_many(paths, count_tokens=lambda s: len(engine.encode(s)),
+                                max_prompt_tokens=max_prompt_tokens, strict=cfg.data.strict)
+    log.info("%s prompts: %d kept; %s", name, len(records), report.summary())
+    if not records:
+        raise ValueError(f"no usable {name} prompts in {', '.join(paths)}: {report.summary()}")
+    return records
+
+
+def build(cfg: Config) -> Components:
+    dims = init_parallel(cfg.parallel, seed=cfg.run.seed)
+    out_dir = Path(cfg.run.output_dir) / cfg.run.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    hf_path = _on_main_first(dims, lambda: prepare_model(cfg))
+    train_files, eval_files = _on_main_first(dims, lambda: prepare_data(cfg, out_dir))
+    from transformers import AutoConfig
+
+    max_len = int(AutoConfig.from_pretrained(hf_path).max_position_embeddings)
+    engine = VLLMEngine(hf_path, cfg.rollout, max_model_len=max_len, world_size=dims.world_size,
+                        seed=cfg.rollout.seed + dims.rank)
+    limit = max_len - cfg.rollout.max_new_tokens
+    train = read_split(train_files, cfg, engine, max_prompt_tokens=limit, name="train")
+    held_out = read_split(eval_files, cfg, engine, max_prompt_tokens=limit, name="held-out")
+    actor = MegatronActor(hf_path, model_cfg=cfg.model, optim_cfg=cfg.optim, algorithm_cfg=cfg.algorithm,
+                          temperature=cfg.rollout.temperature,
+                          total_steps=cfg.run.steps * cfg.curriculum.prompts_per_step * cfg.rollout.n
+                          // cfg.optim.mini_batch_size, tp=dims.tp, pp=dims.pp)
+    sampler = PromptSampler(train, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    tokenizer = engine.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Components(
+        cfg=cfg, dims=dims, out_dir=out_dir, hf_path=hf_path, engine=engine, actor=actor,
+        rewards=RewardPool(cfg.rewards.grader, cfg.rewards.num_workers, cfg.rewards.timeout_seconds),
+        curriculum=build_curriculum(cfg.curriculum, sampler, n=cfg.rollout.n),
+        logger=MetricsLogger(out_dir, tensorboard=cfg.metrics.tensorboard and dims.is_main,
+                             progress_bar=cfg.metrics.progress_bar and dims.is_main,
+                             total_steps=cfg.run.steps + 1),
+        eval_records=held_out[:cfg.eval.max_prompts], pad_id=int(pad))

@@ -1,0 +1,125 @@
+"""The RL loop: generate -> score -> curriculum -> advantages -> train step -> refit -> evaluate/save.
+
+`Trainer.fit()` is the whole algorithm at a glance; every phase is one call into its room. Setup
+(process groups, data, model, engine, grader pool) lives in `megatron_speed/setup.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_speed.algorithms.advantages import ESTIMATORS, broadcast_to_tokens
+from megatron_speed.curriculum.batch import build_train_batch
+from megatron_speed.evaluate import heldout_accuracy
+from megatron_speed.metrics import PhaseTimer
+from megatron_speed.metrics.summary import rollout_metrics, train_metrics
+from megatron_speed.records import RolloutGroup, TrainBatch
+from megatron_speed.rewards.scoring import score_groups
+from megatron_speed.setup import Components
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    steps: int
+    seconds: float
+    warm_start_accuracy: float
+    final_accuracy: float
+    accuracy_curve: list[tuple[float, float]]  # (wall seconds since start of RL, held-out accuracy)
+
+    @property
+    def gain_points(self) -> float:
+        return 100.0 * (self.final_accuracy - self.warm_start_accuracy)
+
+
+class Trainer:
+    def __init__(self, parts: Components) -> None:
+        self.parts, self.cfg = parts, parts.cfg
+        self.timer = PhaseTimer()
+        self.curve: list[tuple[float, float]] = []
+        self.started = 0.0
+        self.last_eval_step = 0
+        self.eval_seconds = 0.0  # excluded from the RL clock, as the papers' "pure training" time
+
+    def fit(self) -> RunSummary:
+        p, cfg = self.parts, self.cfg
+        self.started = time.perf_counter()
+        warm = self.evaluate()
+        p.logger.log(0, {"eval/accuracy": warm})
+        step = 0
+        while step < cfg.run.steps and not self._out_of_time():
+            with self.timer("generate"):
+                groups = p.engine.generate(p.curriculum.plan(), policy_version=p.actor.version)
+            with self.timer("score"):
+                scoring = score_groups(p.rewards, groups)
+            train_groups = p.curriculum.update(groups)
+            if train_groups is None:
+                continue  # not enough finished groups yet; generate again
+            step += 1
+            batch = build_train_batch(train_groups, pad_id=p.pad_id)
+            with self.timer("advantages"):
+                advantages = ESTIMATORS[cfg.algorithm.advantage](batch.rewards, batch.group_offsets)
+            with self.timer("train"):
+                stats = self.train_step(batch, advantages)
+            with self.timer("refit"):
+                p.engine.update_weights(p.actor.export_hf_weights())
+            self.log(step, groups, train_groups, batch, stats, scoring)
+        final = self.curve[-1][1] if self.last_eval_step == step else self.evaluate()
+        if self.last_eval_step != step:
+            p.logger.log(step, {"eval/accuracy": final})
+        p.save_hf("final")
+        return RunSummary(steps=step, seconds=time.perf_counter() - self.started,
+                          warm_start_accuracy=warm, final_accuracy=final, accuracy_curve=list(self.curve))
+
+    def train_step(self, batch: TrainBatch, advantages: torch.Tensor) -> dict[str, float]:
+        """Recompute old log-probs with the actor, then PPO-clip updates over the batch."""
+        actor = self.parts.actor
+        old_logprobs = actor.compute_logprobs(batch.tokens)
+        token_adv = broadcast_to_tokens(advantages, batch.response_mask)
+        stats = actor.train_step(batch.tokens, batch.response_mask, old_logprobs, token_adv)
+        stats.update(_mismatch(old_logprobs, batch.rollout_logprobs, batch.response_mask))
+        return stats
+
+    def evaluate(self) -> float:
+        """Greedy held-out accuracy; its time is excluded from the accuracy-vs-time curve."""
+        started = time.perf_counter()
+        acc = heldout_accuracy(self.parts.engine, self.parts.rewards, self.parts.eval_records)
+        self.eval_seconds += time.perf_counter() - started
+        self.curve.append((self._rl_seconds(), acc))
+        return acc
+
+    def log(self, step: int, groups: list[RolloutGroup], train_groups: list[RolloutGroup], batch: TrainBatch,
+            stats: dict[str, float], scoring: dict[str, float]) -> None:
+        cfg, logger = self.cfg, self.parts.logger
+        times = self.timer.pop()
+        scalars = {**rollout_metrics(groups, times), **train_metrics(batch, stats, times), **scoring,
+                   **times, **self.parts.curriculum.metrics(), "time/rl_seconds": self._rl_seconds()}
+        if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.run.steps:
+            scalars["eval/accuracy"] = self.evaluate()
+            self.last_eval_step = step
+        if cfg.run.save_hf_every and step % cfg.run.save_hf_every == 0:
+            self.parts.save_hf(f"step_{step:06d}")
+        logger.log_histogram(step, "rollout/pass_rate", [g.pass_rate for g in train_groups])
+        logger.log(step, scalars)
+
+    def _rl_seconds(self) -> float:
+        return time.perf_counter() - self.started - self.eval_seconds
+
+    def _out_of_time(self) -> bool:
+        limit = self.cfg.run.max_wall_seconds
+        return bool(limit) and self._rl_seconds() > limit
+
+
+def _mismatch(actor_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the engine's sampled-token log-probs are from the actor's for the same weights."""
+    n = mask.sum().clamp(min=1)
+    diff = (engine_logprobs - actor_logprobs) * mask  # log(pi_engine / pi_actor) on sampled tokens
+    k3 = (torch.exp(-diff) - 1 + diff) * mask  # KL(engine || actor) estimator on engine samples
+    mean_abs = float(diff.abs().sum() / n)
+    if not math.isfinite(mean_abs):
+        mean_abs = float("nan")
+    return {"mismatch/logprob_abs_diff": mean_abs, "mismatch/logprob_max_abs_diff": float(diff.abs().max()),
+            "mismatch/kl_k3": float(k3.sum() / n)}
