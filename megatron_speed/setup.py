@@ -38,6 +38,7 @@ class Components:
     logger: MetricsLogger
     eval_records: list[PromptRecord]
     pad_id: int
+    data_metrics: dict[str, float]
 
     def save_hf(self, tag: str) -> Path | None:
         """Export the policy in HF format under out_dir/hf/<tag> (rank 0 writes)."""
@@ -81,11 +82,15 @@ def prepare_model(cfg: Config) -> Path:
     return prepare_toy_model(cfg.model, cfg.data.toy, Path(cfg.run.output_dir) / "cache")
 
 
-def read_split(paths: tuple[str, ...], cfg: Config, engine: VLLMEngine, *, max_prompt_tokens: int,
-               name: str) -> list[PromptRecord]:
-    records, report = read_many(paths, count_tokens=lambda s: len(engine.encode(s)),
+def read_split(paths: tuple[str, ...], cfg: Config, tokenizer: Any, *, max_prompt_tokens: int,
+               name: str, counts: dict[str, float]) -> list[PromptRecord]:
+    """Read one split; skipped rows are logged and counted in `counts` (strict mode raises instead)."""
+    records, report = read_many(paths, count_tokens=lambda s: len(tokenizer.encode(s)),
                                 max_prompt_tokens=max_prompt_tokens, strict=cfg.data.strict)
     log.info("%s prompts: %d kept; %s", name, len(records), report.summary())
+    counts[f"data/{name}_prompts"] = float(len(records))
+    counts[f"data/{name}_skipped"] = float(report.skipped)
+    counts.update({f"data/{name}_skipped/{reason}": float(n) for reason, n in report.counts.items()})
     if not records:
         raise ValueError(f"no usable {name} prompts in {', '.join(paths)}: {report.summary()}")
     return records
@@ -98,20 +103,21 @@ def build(cfg: Config) -> Components:
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     hf_path = _on_main_first(dims, lambda: prepare_model(cfg))
     train_files, eval_files = _on_main_first(dims, lambda: prepare_data(cfg, out_dir))
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     max_len = int(AutoConfig.from_pretrained(hf_path).max_position_embeddings)
+    tokenizer = AutoTokenizer.from_pretrained(hf_path)
+    limit = max_len - cfg.rollout.max_new_tokens
+    counts: dict[str, float] = {}
+    train = read_split(train_files, cfg, tokenizer, max_prompt_tokens=limit, name="train", counts=counts)
+    held_out = read_split(eval_files, cfg, tokenizer, max_prompt_tokens=limit, name="heldout", counts=counts)
     engine = VLLMEngine(hf_path, cfg.rollout, max_model_len=max_len, world_size=dims.world_size,
                         seed=cfg.rollout.seed + dims.rank)
-    limit = max_len - cfg.rollout.max_new_tokens
-    train = read_split(train_files, cfg, engine, max_prompt_tokens=limit, name="train")
-    held_out = read_split(eval_files, cfg, engine, max_prompt_tokens=limit, name="held-out")
     actor = MegatronActor(hf_path, model_cfg=cfg.model, optim_cfg=cfg.optim, algorithm_cfg=cfg.algorithm,
                           temperature=cfg.rollout.temperature,
                           total_steps=cfg.run.steps * cfg.curriculum.prompts_per_step * cfg.rollout.n
                           // cfg.optim.mini_batch_size, tp=dims.tp, pp=dims.pp)
     sampler = PromptSampler(train, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
-    tokenizer = engine.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Components(
         cfg=cfg, dims=dims, out_dir=out_dir, hf_path=hf_path, engine=engine, actor=actor,
@@ -120,4 +126,4 @@ def build(cfg: Config) -> Components:
         logger=MetricsLogger(out_dir, tensorboard=cfg.metrics.tensorboard and dims.is_main,
                              progress_bar=cfg.metrics.progress_bar and dims.is_main,
                              total_steps=cfg.run.steps + 1),
-        eval_records=held_out[:cfg.eval.max_prompts], pad_id=int(pad))
+        eval_records=held_out[:cfg.eval.max_prompts], pad_id=int(pad), data_metrics=counts)

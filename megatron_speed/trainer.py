@@ -48,7 +48,7 @@ class Trainer:
         p, cfg = self.parts, self.cfg
         self.started = time.perf_counter()
         warm = self.evaluate()
-        p.logger.log(0, {"eval/accuracy": warm})
+        p.logger.log(0, {"eval/accuracy": warm, **p.data_metrics})
         step = 0
         while step < cfg.run.steps and not self._out_of_time():
             with self.timer("generate"):

@@ -3,12 +3,16 @@
 Every estimator has the signature `f(rewards, group_offsets, **options) -> advantages`:
 `rewards` is a float tensor [N] with one scalar per trajectory, and the trajectories of prompt g
 are `rewards[group_offsets[g]:group_offsets[g+1]]` (`group_offsets` is [G+1] int64, starting at 0
-and ending at N; groups may differ in size). Options are estimator-specific keyword arguments; the
-trainer looks the estimator up by name in `ESTIMATORS` and never branches on the name.
+and ending at N; groups may differ in size, and empty groups are allowed and ignored). Options are
+estimator-specific keyword arguments; the trainer looks the estimator up by name in `ESTIMATORS`
+and never branches on the name. Statistics are computed in float64 and the result has the dtype of
+`rewards`.
 
-Deliberately left out: std normalisation and any KL or length shaping; those belong to other
-estimators or to reward shaping. The math is pure (no process groups, no config object), so the
-caller computes advantages on the full step's batch, before any reordering into micro-batches.
+Estimators: `rloo`, `grpo` (std-normalised group mean), `drgrpo` (group mean, no std) and `js`
+(James-Stein shrinkage between the leave-one-out prompt mean and the other prompts' mean, in
+`js.py`). Deliberately left out: KL or length shaping (those belong to reward shaping and the loss).
+The math is pure (no process groups, no config object), so the caller computes advantages on the
+full step's batch, before any reordering into micro-batches.
 """
 
 from __future__ import annotations
@@ -18,44 +22,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-
-def check_group_offsets(group_offsets: Tensor, num_samples: int) -> None:
-    """Raise ValueError unless `group_offsets` is a non-decreasing [G+1] int tensor from 0 to N.
-
-    Reads a few values back to the host (one device sync); offsets are small and built on the host.
-    """
-    if group_offsets.dim() != 1 or group_offsets.numel() < 1:
-        raise ValueError(f"group_offsets must be a 1-D tensor [G+1], got shape {tuple(group_offsets.shape)}")
-    if group_offsets.dtype.is_floating_point or group_offsets.dtype == torch.bool:
-        raise ValueError(f"group_offsets must hold integers, got {group_offsets.dtype}")
-    first, last = int(group_offsets[0]), int(group_offsets[-1])
-    if first != 0 or last != num_samples:
-        raise ValueError(f"group_offsets must run from 0 to N={num_samples}, got {first}..{last}")
-    if bool((group_offsets[1:] < group_offsets[:-1]).any()):
-        raise ValueError("group_offsets must be non-decreasing")
-
-
-def group_sizes(group_offsets: Tensor) -> Tensor:
-    """The number of samples in each group, [G] int64."""
-    return (group_offsets[1:] - group_offsets[:-1]).long()
-
-
-def group_index(group_offsets: Tensor, num_samples: int) -> Tensor:
-    """For each sample, the index of its group, [N] int64 (e.g. offsets [0,3,5,6] -> [0,0,0,1,1,2])."""
-    groups = torch.arange(group_offsets.numel() - 1, device=group_offsets.device)
-    return torch.repeat_interleave(groups, group_sizes(group_offsets), output_size=num_samples)
-
-
-def segment_sum(values: Tensor, group_offsets: Tensor) -> Tensor:
-    """Sum of `values` [N] over each group, [G], in the dtype of `values`.
-
-    Uses a float64 prefix sum so the result is deterministic (no atomics) and exact enough for any
-    realistic batch; empty groups sum to 0.
-    """
-    prefix = torch.zeros(values.numel() + 1, dtype=torch.float64, device=values.device)
-    prefix[1:] = torch.cumsum(values.double(), dim=0)
-    offsets = group_offsets.to(values.device).long()
-    return (prefix[offsets[1:]] - prefix[offsets[:-1]]).to(values.dtype)
+from megatron_speed.algorithms.groups import (
+    check_group_offsets,
+    group_index,
+    group_means,
+    group_sizes,
+    group_variances,
+    grouped,
+    leave_one_out_means,
+    segment_sum,
+)
+from megatron_speed.algorithms.js import js, js_shrinkage
 
 
 def rloo(rewards: Tensor, group_offsets: Tensor) -> Tensor:
@@ -65,14 +42,40 @@ def rloo(rewards: Tensor, group_offsets: Tensor) -> Tensor:
     A group of size 1 has no other sample to form a baseline from; following verl it gets A = r
     (a zero baseline), which keeps the estimator defined rather than dropping the sample.
     """
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
-    check_group_offsets(group_offsets, rewards.numel())
-    index = group_index(group_offsets.to(rewards.device), rewards.numel())
-    sums = segment_sum(rewards, group_offsets)[index]
-    sizes = group_sizes(group_offsets.to(rewards.device))[index].to(rewards.dtype)
-    others_mean = (sums - rewards) / (sizes - 1).clamp(min=1)
-    return torch.where(sizes > 1, rewards - others_mean, rewards)
+    g = grouped(rewards, group_offsets)
+    advantages = torch.where(g.sizes[g.index] > 1, g.values - leave_one_out_means(g), g.values)
+    return advantages.to(rewards.dtype)
+
+
+def _centre(g_values: Tensor, means: Tensor, sizes: Tensor, index: Tensor) -> Tensor:
+    """r - group mean, with verl's size-1 convention (mean 0, so the sample keeps A = r)."""
+    return g_values - torch.where(sizes > 1, means, torch.zeros_like(means))[index]
+
+
+def grpo(rewards: Tensor, group_offsets: Tensor, *, eps: float = 1e-6, std_unbiased: bool = True) -> Tensor:
+    """GRPO: A_i = (r_i - group mean) / (group std + eps), as verl's `compute_grpo_outcome_advantage`.
+
+    The std is unbiased (ddof=1, `torch.std`'s default, as verl) unless `std_unbiased=False`
+    (ddof=0, as the JSPO authors' copy). A group of size 1 uses verl's convention mean 0 and std 1,
+    so A = r / (1 + eps), whichever `std_unbiased`. An all-equal group gets A = 0.
+    """
+    if eps < 0:
+        raise ValueError(f"grpo eps must be >= 0, got {eps}")
+    g = grouped(rewards, group_offsets)
+    std = torch.where(g.sizes > 1, group_variances(g, unbiased=std_unbiased).sqrt(),
+                      torch.ones_like(g.sums))
+    centred = _centre(g.values, group_means(g), g.sizes, g.index)
+    return (centred / (std[g.index] + eps)).to(rewards.dtype)
+
+
+def drgrpo(rewards: Tensor, group_offsets: Tensor) -> Tensor:
+    """Dr.GRPO: A_i = r_i - group mean (verl's GRPO with `norm_adv_by_std_in_grpo=False`).
+
+    The mean includes the sample itself, so this baseline is biased by the factor (m-1)/m; that is
+    the published estimator, kept as such. A group of size 1 uses verl's mean 0, so A = r.
+    """
+    g = grouped(rewards, group_offsets)
+    return _centre(g.values, group_means(g), g.sizes, g.index).to(rewards.dtype)
 
 
 def broadcast_to_tokens(advantages: Tensor, response_mask: Tensor) -> Tensor:
@@ -86,8 +89,11 @@ def broadcast_to_tokens(advantages: Tensor, response_mask: Tensor) -> Tensor:
 # Name -> estimator `f(rewards, group_offsets, **options) -> advantages [N]`.
 ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "rloo": rloo,
+    "grpo": grpo,
+    "drgrpo": drgrpo,
+    "js": js,
 }
 
 
-__all__ = ["ESTIMATORS", "broadcast_to_tokens", "check_group_offsets", "group_index", "group_sizes", "rloo",
-           "segment_sum"]
+__all__ = ["ESTIMATORS", "broadcast_to_tokens", "check_group_offsets", "drgrpo", "group_index", "group_sizes",
+           "grpo", "js", "js_shrinkage", "rloo", "segment_sum"]

@@ -152,14 +152,53 @@ class RolloutConfig(Section):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CurriculumConfig(Section):
-    """Which prompts each step trains on. "none": every sampled prompt, `prompts_per_step` of them."""
+    """Which prompts each step trains on, and how many generation calls may be spent finding them.
 
-    name: Literal["none"] = "none"
+    "none": every sampled prompt, `prompts_per_step` of them, `rollout.n` responses each.
+    "speed": SPEED-RL. Each generation call screens `screen_prompts_per_call` new prompts with
+    `n_init` responses and continues every prompt accepted by the previous call (0 < pass rate < 1)
+    with `n_continue` more; a step trains on `prompts_per_step` groups of `n_init + n_continue`
+    responses (the screening responses are reused, as published). `rollout.n` is not used.
+    "dapo": DAPO dynamic sampling. Each call samples `dapo_prompts_per_call` prompts with `rollout.n`
+    responses and keeps the groups whose rewards are not all equal; the surplus is buffered for later
+    steps (verl discards it).
+    """
+
+    name: Literal["none", "speed", "dapo"] = "none"
     prompts_per_step: int = 32
+    n_init: int = 4  # SPEED screening responses per prompt
+    n_continue: int = 20  # SPEED continuation responses per accepted prompt (may equal n_init)
+    screen_prompts_per_call: int = 128  # SPEED: new prompts screened per call (paper: 64 for 16/step)
+    max_staleness: int = 0  # 0 = unlimited; else drop buffered groups more policy versions old than this
+    dapo_prompts_per_call: int = 96  # DAPO: prompts sampled per call (verl's gen_batch_size)
+    max_calls_per_step: int = 50  # generation calls in a row without a batch before an error; 0 = no limit
+    warn_after_calls: int = 5  # warn every this many calls without a batch; 0 = never
+
+    def samples_per_prompt(self, rollout_n: int) -> int:
+        """Responses per trained group: n_init + n_continue for SPEED, `rollout.n` otherwise."""
+        return self.n_init + self.n_continue if self.name == "speed" else rollout_n
 
     def check(self) -> None:
         require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step, "must be >= 1",
                 "train on at least one prompt per step")
+        require(self.n_init >= 2, "n_init", self.n_init,
+                "must be >= 2: with one screening response the pass rate is 0 or 1 and no prompt is accepted",
+                "use 4, the paper's setting")
+        require(self.n_continue >= 1, "n_continue", self.n_continue, "must be >= 1",
+                "use 20, the paper's setting (n_continue may equal n_init)")
+        require(self.screen_prompts_per_call >= 1, "screen_prompts_per_call", self.screen_prompts_per_call,
+                "must be >= 1", "screen e.g. 4 x prompts_per_step new prompts per call, as the paper")
+        require(self.max_staleness >= 0, "max_staleness", self.max_staleness, "must be >= 0",
+                "use 0 to keep buffered groups however old they are")
+        require(self.dapo_prompts_per_call >= 1, "dapo_prompts_per_call", self.dapo_prompts_per_call,
+                "must be >= 1", "sample e.g. 3 x prompts_per_step prompts per call, as DAPO")
+        require(self.max_calls_per_step >= 0, "max_calls_per_step", self.max_calls_per_step, "must be >= 0",
+                "use 0 for no limit or e.g. 50")
+        require(self.name != "speed" or self.max_calls_per_step != 1, "max_calls_per_step",
+                self.max_calls_per_step, "must be 0 or >= 2 for SPEED, whose first batch needs a screening "
+                "call and a continuation call", "use e.g. 50")
+        require(self.warn_after_calls >= 0, "warn_after_calls", self.warn_after_calls, "must be >= 0",
+                "use 0 to never warn or e.g. 5")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -245,12 +284,21 @@ class Config(Section):
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
     def check(self) -> None:
-        batch = self.curriculum.prompts_per_step * self.rollout.n
+        cur = self.curriculum
+        # Mini-batches are counted in trajectories, so SPEED (n_init + n_continue per prompt) and a
+        # baseline with rollout.n = n_init + n_continue take the same optimizer steps per RL step.
+        batch = cur.prompts_per_step * cur.samples_per_prompt(self.rollout.n)
+        formula = ("curriculum.prompts_per_step x (curriculum.n_init + curriculum.n_continue)"
+                   if cur.name == "speed" else "curriculum.prompts_per_step x rollout.n")
         require(batch % self.optim.mini_batch_size == 0, "optim.mini_batch_size", self.optim.mini_batch_size,
-                f"must divide the trajectories per step (curriculum.prompts_per_step x rollout.n = {batch})",
+                f"must divide the trajectories per step ({formula} = {batch})",
                 "pick a mini-batch size that divides it")
-        require(self.rollout.n >= 2 or self.algorithm.advantage not in ("rloo",), "rollout.n", self.rollout.n,
-                "must be >= 2 for a leave-one-out baseline", "set rollout.n=2 or more")
+        require(cur.name == "speed" or self.rollout.n >= 2 or self.algorithm.advantage not in ("rloo",),
+                "rollout.n", self.rollout.n, "must be >= 2 for a leave-one-out baseline",
+                "set rollout.n=2 or more")
+        require(cur.name != "dapo" or self.rollout.n >= 2, "rollout.n", self.rollout.n,
+                "must be >= 2 for DAPO dynamic sampling (one response has no reward spread)",
+                "set rollout.n=2 or more")
         require(self.model.hf_path != "toy" or self.data.toy is not None, "model.hf_path",
                 self.model.hf_path, "is the toy model but data.toy is not set",
                 "use the toy_cpu recipe or point model.hf_path at an HF folder")

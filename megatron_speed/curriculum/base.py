@@ -6,6 +6,9 @@ enough finished groups exist yet. State needed to resume lives in `state_dict()`
 
 `UniformCurriculum` ("none") is the base algorithms' behaviour: every step samples
 `prompts_per_step` fresh prompts with `rollout.n` responses each and trains on all of them.
+"speed" (`speed.SpeedCurriculum`) and "dapo" (`dapo.DynamicSamplingCurriculum`) select groups and
+may need several generation calls per step; both raise `CurriculumStarved` past
+`curriculum.max_calls_per_step` calls without a batch.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from megatron_speed.config.schema import CurriculumConfig
+from megatron_speed.curriculum.buffered import CurriculumStarved
+from megatron_speed.curriculum.dapo import DynamicSamplingCurriculum
+from megatron_speed.curriculum.speed import SpeedCurriculum
 from megatron_speed.data.sampler import PromptSampler
 from megatron_speed.records import RolloutGroup, SampleRequest
 
@@ -51,8 +57,15 @@ class UniformCurriculum:
         self.sampler.load_state_dict(state["sampler"])
 
 
-CURRICULA = {"none": UniformCurriculum}
+CURRICULA: dict[str, type[Curriculum]] = {
+    "none": UniformCurriculum,
+    "speed": SpeedCurriculum,
+    "dapo": DynamicSamplingCurriculum,
+}
+
+__all__ = ["CURRICULA", "Curriculum", "CurriculumStarved", "build_curriculum"]
 
 
 def build_curriculum(cfg: CurriculumConfig, sampler: PromptSampler, *, n: int) -> Curriculum:
+    """The curriculum named by `cfg.name`; `n` is `rollout.n` (SPEED uses n_init/n_continue instead)."""
     return CURRICULA[cfg.name](cfg, sampler, n=n)

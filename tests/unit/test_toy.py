@@ -84,13 +84,15 @@ def test_write_jsonl(tmp_path: Path) -> None:
 
 
 def test_tokenizer_round_trips_every_prompt_and_solution(tmp_path: Path) -> None:
-    build_toy_tokenizer(tmp_path)
-    tok = AutoTokenizer.from_pretrained(tmp_path)
-    assert tok.pad_token_id != tok.eos_token_id
+    built = build_toy_tokenizer(tmp_path)
+    toy_qwen2_config(ModelConfig(), built).save_pretrained(tmp_path)  # model_type qwen2, as served
+    tok = AutoTokenizer.from_pretrained(tmp_path)  # transformers 5 rebuilds it as a Qwen2Tokenizer
+    assert tok.pad_token_id != tok.eos_token_id and len(tok) == len(built)
     box = tok.encode("\\boxed{", add_special_tokens=False)
     assert len(box) == 1 and tok.convert_ids_to_tokens(box) == ["\\boxed{"]
     for r in make_problems(SMALL, "train") + make_problems(SMALL, "eval"):
         prompt_ids = tok.encode(r.prompt, add_special_tokens=False)
+        assert prompt_ids == built.encode(r.prompt, add_special_tokens=False)
         assert len(prompt_ids) == len(r.prompt) and tok.decode(prompt_ids) == r.prompt
         response_ids = tok.encode(solution_text(r), add_special_tokens=False) + [tok.eos_token_id]
         assert response_ids[0] == box[0] and len(response_ids) == len(r.answer) + 3

@@ -1,0 +1,39 @@
+"""DAPO dynamic sampling (verl `recipe/dapo`): train only on groups whose rewards are not all equal.
+
+Each generation call samples `dapo_prompts_per_call` new prompts with `rollout.n` responses
+("train" requests). Groups with `has_reward_spread(rewards)` are queued FIFO; a step trains on the
+oldest `prompts_per_step` of them. Unlike verl, which truncates to the train batch and discards
+the rest, the surplus is kept for later steps (bounded by `max_staleness` if set). Zero-spread
+groups are dropped and counted as all-correct or all-wrong.
+"""
+
+from __future__ import annotations
+
+from megatron_speed.config.schema import CurriculumConfig
+from megatron_speed.curriculum.buffered import BufferedCurriculum, Ticket
+from megatron_speed.curriculum.rules import has_reward_spread
+from megatron_speed.data.sampler import PromptSampler
+from megatron_speed.records import RolloutGroup
+
+
+class DynamicSamplingCurriculum(BufferedCurriculum):
+    """Sample, keep groups with a reward spread, emit FIFO; `n` is `rollout.n`."""
+
+    name = "dapo"
+    knobs = "rollout.n or curriculum.dapo_prompts_per_call"
+
+    def __init__(self, cfg: CurriculumConfig, sampler: PromptSampler, *, n: int) -> None:
+        super().__init__(cfg, sampler)
+        self.n = n
+
+    def phases(self) -> tuple[str, ...]:
+        return ("train",)
+
+    def _new_tickets(self) -> list[Ticket]:
+        return [self._ticket(p, self.n, "train") for p in self.sampler.next(self.cfg.dapo_prompts_per_call)]
+
+    def _absorb(self, ticket: Ticket, group: RolloutGroup) -> None:
+        kept = has_reward_spread(group.rewards)
+        self._judge(group, kept)
+        if kept:
+            self._make_ready(ticket.request_id, group)
