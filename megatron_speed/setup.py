@@ -115,8 +115,8 @@ def build(cfg: Config) -> Components:
                         seed=cfg.rollout.seed + dims.rank)
     actor = MegatronActor(hf_path, model_cfg=cfg.model, optim_cfg=cfg.optim, algorithm_cfg=cfg.algorithm,
                           temperature=cfg.rollout.temperature,
-                          total_steps=cfg.run.steps * cfg.curriculum.prompts_per_step * cfg.rollout.n
-                          // cfg.optim.mini_batch_size, tp=dims.tp, pp=dims.pp)
+                          total_steps=cfg.run.steps * cfg.trajectories_per_step // cfg.optim.mini_batch_size,
+                          tp=dims.tp, pp=dims.pp)
     sampler = PromptSampler(train, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Components(

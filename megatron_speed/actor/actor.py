@@ -101,7 +101,7 @@ class MegatronActor:
         num_tokens = mb.mask.sum().to(torch.int)
         if not train:
             return logp.sum() * 0, num_tokens, {"logprobs": logp.detach()}
-        loss_sum, stats = ppo_clip_loss(logp, mb.old_logprobs, mb.advantages, mb.mask,
+        loss_sum, num_tokens, stats = ppo_clip_loss(logp, mb.old_logprobs, mb.advantages, mb.mask,
                                         clip_low=self.algorithm_cfg.clip_low,
                                         clip_high=self.algorithm_cfg.clip_high)
         return loss_sum, num_tokens, {"loss_sum": loss_sum.detach(), **stats}

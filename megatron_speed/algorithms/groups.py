@@ -44,15 +44,21 @@ def group_index(group_offsets: Tensor, num_samples: int) -> Tensor:
 
 
 def segment_sum(values: Tensor, group_offsets: Tensor) -> Tensor:
-    """Sum of `values` [N] over each group, [G], in the dtype of `values`.
+    """Sum of `values` [N] over each group, [G], in the dtype of `values`; empty groups sum to 0.
 
-    Uses a float64 prefix sum so the result is deterministic (no atomics) and exact enough for any
-    realistic batch; empty groups sum to 0.
+    Scatters the values into a zero-padded float64 [G, max group size] matrix and sums its rows:
+    deterministic (every cell written once, no atomics) and free of the cancellation a global
+    prefix sum suffers when a group of small values follows groups of large ones. One host sync
+    (the largest group size).
     """
-    prefix = torch.zeros(values.numel() + 1, dtype=torch.float64, device=values.device)
-    prefix[1:] = torch.cumsum(values.double(), dim=0)
     offsets = group_offsets.to(values.device).long()
-    return (prefix[offsets[1:]] - prefix[offsets[:-1]]).to(values.dtype)
+    sizes = group_sizes(offsets)
+    width = int(sizes.max()) if sizes.numel() else 0
+    index = group_index(offsets, values.numel())
+    position = torch.arange(values.numel(), device=values.device) - offsets[:-1][index]
+    dense = torch.zeros(sizes.numel(), max(width, 1), dtype=torch.float64, device=values.device)
+    dense[index, position] = values.double()
+    return dense.sum(1).to(values.dtype)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ For sample j of prompt i (spec §2.1, generalised to group sizes m_k that may di
     μ_i^{-j} = mean of the other m_i - 1 samples of prompt i           (the RLOO part)
     μ_k      = mean of prompt k;  w_k = unbiased variance of prompt k / m_k
     μ_{-i}   = mean of μ_k over the other prompts k != i
-    v_{-i}   = mean of w_k over the other prompts k != i that have m_k >= 2
+    v_{-i}   = mean of w_k over the other prompts k != i that have m_k >= 2 (0 if there are none)
     s_{-i}   = mean of (μ_k - μ_{-i})² over the other prompts k != i
     λ_i      = v_{-i} / (v_{-i} + s_{-i} + eps)                          ("code", the authors' code)
              = (n_{-i} / (n_{-i} + 1)) · v_{-i} / (v_{-i} + s_{-i} + eps) ("paper", the (n-1)/n factor)
@@ -38,7 +38,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from megatron_speed.algorithms.groups import Grouped, group_means, group_variances, grouped, leave_one_out_means
+from megatron_speed.algorithms.groups import (
+    Grouped,
+    group_means,
+    group_variances,
+    grouped,
+    leave_one_out_means,
+)
 
 LambdaVariant = Literal["code", "paper"]
 

@@ -283,11 +283,15 @@ class Config(Section):
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
+    @property
+    def trajectories_per_step(self) -> int:
+        return self.curriculum.prompts_per_step * self.curriculum.samples_per_prompt(self.rollout.n)
+
     def check(self) -> None:
         cur = self.curriculum
         # Mini-batches are counted in trajectories, so SPEED (n_init + n_continue per prompt) and a
         # baseline with rollout.n = n_init + n_continue take the same optimizer steps per RL step.
-        batch = cur.prompts_per_step * cur.samples_per_prompt(self.rollout.n)
+        batch = self.trajectories_per_step
         formula = ("curriculum.prompts_per_step x (curriculum.n_init + curriculum.n_continue)"
                    if cur.name == "speed" else "curriculum.prompts_per_step x rollout.n")
         require(batch % self.optim.mini_batch_size == 0, "optim.mini_batch_size", self.optim.mini_batch_size,

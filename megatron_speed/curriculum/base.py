@@ -7,12 +7,13 @@ enough finished groups exist yet. State needed to resume lives in `state_dict()`
 `UniformCurriculum` ("none") is the base algorithms' behaviour: every step samples
 `prompts_per_step` fresh prompts with `rollout.n` responses each and trains on all of them.
 "speed" (`speed.SpeedCurriculum`) and "dapo" (`dapo.DynamicSamplingCurriculum`) select groups and
-may need several generation calls per step; both raise `CurriculumStarved` past
-`curriculum.max_calls_per_step` calls without a batch.
+may need several generation calls per step; both raise `CurriculumStarved` once
+`curriculum.max_calls_per_step` calls in a row have produced no batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from megatron_speed.config.schema import CurriculumConfig
@@ -42,7 +43,8 @@ class UniformCurriculum:
         self.cfg, self.sampler, self.n = cfg, sampler, n
 
     def plan(self) -> list[SampleRequest]:
-        return [SampleRequest(prompt=p, n=self.n, phase="train") for p in self.sampler.next(self.cfg.prompts_per_step)]
+        prompts = self.sampler.next(self.cfg.prompts_per_step)
+        return [SampleRequest(prompt=p, n=self.n, phase="train") for p in prompts]
 
     def update(self, groups: list[RolloutGroup]) -> list[RolloutGroup] | None:
         return groups
@@ -57,7 +59,7 @@ class UniformCurriculum:
         self.sampler.load_state_dict(state["sampler"])
 
 
-CURRICULA: dict[str, type[Curriculum]] = {
+CURRICULA: dict[str, Callable[..., Curriculum]] = {
     "none": UniformCurriculum,
     "speed": SpeedCurriculum,
     "dapo": DynamicSamplingCurriculum,

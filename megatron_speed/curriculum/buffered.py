@@ -99,7 +99,7 @@ def completion_tokens(group: RolloutGroup) -> int:
 
 
 def group_to_state(group: RolloutGroup) -> dict[str, Any]:
-    """Plain dicts, lists, tuples and scalars: survives pickle, torch.save and JSON (via `group_from_state`)."""
+    """Plain dicts, lists, tuples and scalars: survives pickle, torch.save and JSON (`group_from_state`)."""
     return dataclasses.asdict(group)
 
 

@@ -13,9 +13,13 @@ Differences from the reference code, on purpose: phases are carried by the reque
 from the group size, so `n_continue == n_init` works; every accepted prompt is continued in the
 very next call (no "multiple of #GPUs" leftovers); no sampler batch is ever skipped; the same
 prompt drawn twice is two draws with their own request ids. Mixed-policy groups are kept (as the
-paper does); `max_staleness` bounds how old they may get. Left out: the reference's extra train
-steps without generation when the buffer is full, so with a high acceptance rate the ready buffer
-grows by (accepted per call - prompts_per_step) per call unless `max_staleness` trims it.
+paper does); `max_staleness` bounds how old they may get. A group continued in the call right after
+its screening is usually 1 version old when emitted (a train step sat in between), so
+`max_staleness=1` keeps the steady state and drops only surplus that waited longer.
+
+Left out: the reference's extra train steps without generation while the buffer is full, so with a
+high acceptance rate the ready buffer grows by (accepted per call - prompts_per_step) every call
+unless `max_staleness` trims it.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ class SpeedCurriculum(BufferedCurriculum):
         cont = [Ticket(request_id=i, prompt=self._screened[i].prompt, n=cfg.n_continue, phase="continue")
                 for i in self._awaiting]
         self._awaiting = []
-        screen = [self._ticket(p, cfg.n_init, "screen") for p in self.sampler.next(cfg.screen_prompts_per_call)]
+        fresh = self.sampler.next(cfg.screen_prompts_per_call)
+        screen = [self._ticket(p, cfg.n_init, "screen") for p in fresh]
         return cont + screen
 
     def _absorb(self, ticket: Ticket, group: RolloutGroup) -> None:
@@ -79,8 +84,8 @@ class SpeedCurriculum(BufferedCurriculum):
         self._make_ready(ticket.request_id, merge_screen_and_continuation(screen, group))
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"screened": [{"request_id": i, "group": group_to_state(g)} for i, g in self._screened.items()],
-                "awaiting": list(self._awaiting)}
+        screened = [{"request_id": i, "group": group_to_state(g)} for i, g in self._screened.items()]
+        return {"screened": screened, "awaiting": list(self._awaiting)}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._screened = {int(s["request_id"]): group_from_state(s["group"]) for s in state["screened"]}

@@ -132,8 +132,9 @@ def test_ppo_clip_loss_hand_computed() -> None:
     logprobs, old, adv, mask = hand_example()
     per_token, _ = ppo_clip_token_loss(logprobs, old, adv, mask, clip_low=0.2, clip_high=0.28)
     torch.testing.assert_close(per_token.detach(), torch.tensor([LOSSES], dtype=torch.float64))
-    loss, stats = ppo_clip_loss(logprobs, old, adv, mask, clip_low=0.2, clip_high=0.28)
-    torch.testing.assert_close(loss, torch.tensor(sum(LOSSES), dtype=torch.float64))
+    loss, tokens, stats = ppo_clip_loss(logprobs, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    torch.testing.assert_close(loss, torch.tensor(sum(LOSSES), dtype=torch.float64))  # token-mean numerator
+    assert int(tokens) == 6
     loss.backward()
     torch.testing.assert_close(logprobs.grad, torch.tensor([GRADS], dtype=torch.float64))
     assert float(stats["clipped_tokens"]) == 2
@@ -153,7 +154,8 @@ def test_ppo_clip_loss_ignores_masked_tokens_even_with_garbage_logprobs() -> Non
     garbage_lp.requires_grad_(True)
     garbage_adv = adv.clone()
     garbage_adv[0, 1] = float("nan")
-    loss, stats = ppo_clip_loss(garbage_lp, old, garbage_adv, mask, clip_low=0.2, clip_high=0.28)
+    loss, tokens, stats = ppo_clip_loss(garbage_lp, old, garbage_adv, mask, clip_low=0.2, clip_high=0.28)
+    assert int(tokens) == 4
     expected = sum(loss_t for loss_t, m in zip(LOSSES, mask[0].tolist(), strict=True) if m)
     torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64))
     loss.backward()
@@ -178,38 +180,39 @@ def random_batch(seed: int, batch: int = 6, length: int = 7) -> tuple[torch.Tens
 def test_micro_batch_sums_over_global_count_equal_token_mean(seed: int) -> None:
     logprobs, old, adv, mask = random_batch(seed)
     aggregate = LOSS_AGGREGATIONS["token-mean"]
-    global_tokens = mask.sum()
 
     whole_lp = logprobs.clone().requires_grad_(True)
     per_token, _ = ppo_clip_token_loss(whole_lp, old, adv, mask, clip_low=0.2, clip_high=0.28)
-    whole = aggregate(per_token, mask, global_tokens)
+    numerator, denominator = aggregate(per_token, mask, horizon=1)
+    assert int(denominator) == int(mask.sum())
+    whole = numerator / denominator
     torch.testing.assert_close(whole, (per_token * mask).sum() / mask.sum())  # the token-mean
     whole.backward()
 
+    # megatron-core sums the denominators of every micro-batch, then scales the summed gradients.
     split_lp = logprobs.clone().requires_grad_(True)
-    total = torch.zeros((), dtype=torch.float64)
-    for rows in (slice(0, 2), slice(2, 6)):  # unequal micro-batches, unequal token counts
-        loss_sum, _ = ppo_clip_loss(split_lp[rows], old[rows], adv[rows], mask[rows],
-                                    clip_low=0.2, clip_high=0.28)
-        micro = loss_sum / global_tokens
-        micro.backward()
-        total = total + micro.detach()
+    parts = [ppo_clip_loss(split_lp[rows], old[rows], adv[rows], mask[rows], clip_low=0.2, clip_high=0.28)
+             for rows in (slice(0, 2), slice(2, 6))]  # unequal micro-batches, unequal token counts
+    global_tokens = sum(int(den) for _, den, _ in parts)
+    for num, _, _ in parts:
+        (num / global_tokens).backward()
+    total = sum(num.detach() for num, _, _ in parts) / global_tokens
     torch.testing.assert_close(total, whole.detach())
     torch.testing.assert_close(split_lp.grad, whole_lp.grad)
 
 
 def test_stats_add_up_over_micro_batches() -> None:
     logprobs, old, adv, mask = random_batch(3)
-    _, whole = ppo_clip_loss(logprobs, old, adv, mask, clip_low=0.2, clip_high=0.2)
-    _, a = ppo_clip_loss(logprobs[:3], old[:3], adv[:3], mask[:3], clip_low=0.2, clip_high=0.2)
-    _, b = ppo_clip_loss(logprobs[3:], old[3:], adv[3:], mask[3:], clip_low=0.2, clip_high=0.2)
+    _, _, whole = ppo_clip_loss(logprobs, old, adv, mask, clip_low=0.2, clip_high=0.2, clip_c=1.5)
+    _, _, a = ppo_clip_loss(logprobs[:3], old[:3], adv[:3], mask[:3], clip_low=0.2, clip_high=0.2, clip_c=1.5)
+    _, _, b = ppo_clip_loss(logprobs[3:], old[3:], adv[3:], mask[3:], clip_low=0.2, clip_high=0.2, clip_c=1.5)
     for key, value in whole.items():
         torch.testing.assert_close(a[key] + b[key], value)
 
 
-def test_token_mean_with_no_tokens_is_zero() -> None:
-    per_token = torch.zeros(2, 3)
-    assert float(LOSS_AGGREGATIONS["token-mean"](per_token, torch.zeros(2, 3), 0)) == 0.0
+def test_token_mean_with_no_tokens_is_zero_over_zero() -> None:
+    numerator, denominator = LOSS_AGGREGATIONS["token-mean"](torch.zeros(2, 3), torch.zeros(2, 3), horizon=1)
+    assert float(numerator) == 0.0 and int(denominator) == 0 and denominator.dtype == torch.int
 
 
 def test_ppo_clip_loss_rejects_mismatched_shapes() -> None:
