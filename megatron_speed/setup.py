@@ -114,7 +114,7 @@ def build(cfg: Config) -> Components:
     engine = VLLMEngine(hf_path, cfg.rollout, max_model_len=max_len, world_size=dims.world_size,
                         seed=cfg.rollout.seed + dims.rank)
     actor = MegatronActor(hf_path, model_cfg=cfg.model, optim_cfg=cfg.optim, algorithm_cfg=cfg.algorithm,
-                          temperature=cfg.rollout.temperature,
+                          temperature=cfg.rollout.temperature, horizon=cfg.rollout.max_new_tokens,
                           total_steps=cfg.run.steps * cfg.trajectories_per_step // cfg.optim.mini_batch_size,
                           tp=dims.tp, pp=dims.pp)
     sampler = PromptSampler(train, seed=cfg.run.seed, shuffle=cfg.data.shuffle)

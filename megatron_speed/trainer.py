@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_speed.algorithms.advantages import ESTIMATORS, broadcast_to_tokens
+from megatron_speed.algorithms import ESTIMATORS, broadcast_to_tokens, js_shrinkage, overlong_penalty
+from megatron_speed.config.schema import AlgorithmConfig
 from megatron_speed.curriculum.batch import build_train_batch
 from megatron_speed.evaluate import heldout_accuracy
 from megatron_speed.metrics import PhaseTimer
@@ -61,9 +62,9 @@ class Trainer:
             step += 1
             batch = build_train_batch(train_groups, pad_id=p.pad_id)
             with self.timer("advantages"):
-                advantages = ESTIMATORS[cfg.algorithm.advantage](batch.rewards, batch.group_offsets)
+                advantages, adv_stats = compute_advantages(batch, cfg.algorithm, horizon=cfg.rollout.max_new_tokens)
             with self.timer("train"):
-                stats = self.train_step(batch, advantages)
+                stats = {**self.train_step(batch, advantages), **adv_stats}
             with self.timer("refit"):
                 p.engine.update_weights(p.actor.export_hf_weights())
             self.log(step, groups, train_groups, batch, stats, scoring)
@@ -111,6 +112,25 @@ class Trainer:
     def _out_of_time(self) -> bool:
         limit = self.cfg.run.max_wall_seconds
         return bool(limit) and self._rl_seconds() > limit
+
+
+def compute_advantages(batch: TrainBatch, cfg: AlgorithmConfig, *, horizon: int) -> tuple[torch.Tensor,
+                                                                                       dict[str, float]]:
+    """Shape rewards (DAPO overlong penalty, if on), then the configured grouped estimator."""
+    rewards = batch.rewards
+    stats: dict[str, float] = {}
+    if cfg.overlong_buffer_length:
+        lengths = batch.response_mask.sum(dim=1)
+        penalty = overlong_penalty(lengths, max_length=horizon, buffer_length=cfg.overlong_buffer_length,
+                                   factor=cfg.overlong_factor)
+        rewards = rewards + penalty
+        stats["advantage/overlong_penalty_mean"] = float(penalty.mean())
+    advantages = ESTIMATORS[cfg.advantage](rewards, batch.group_offsets, **cfg.estimator_options)
+    if cfg.advantage == "js":
+        lam = js_shrinkage(rewards, batch.group_offsets, lambda_variant=cfg.js_lambda_variant)
+        stats["advantage/js_lambda_mean"] = float(lam.mean())
+    stats["advantage/abs_mean"] = float(advantages.abs().mean())
+    return advantages, stats
 
 
 def _mismatch(actor_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

@@ -22,3 +22,29 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: f
     # vocab_parallel_cross_entropy works on [S, B, V] in megatron; the op is elementwise over the
     # leading dims, so the [B, S, V] layout is equally valid.
     return -vocab_parallel_cross_entropy(shifted.contiguous(), targets)
+
+
+def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy [B, S-1] of the next-token distribution from vocab-parallel logits [B, S, V/tp].
+
+    H = log Z - sum_v p_v * (l_v - m): the max m is reduced without gradient (a constant shift), the
+    normaliser and the expectation are summed across the tensor-parallel group with megatron's
+    autograd-aware reduction, so no rank materialises the full vocabulary.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    scaled = logits[:, :-1].float() / temperature
+    shift = scaled.detach().max(dim=-1, keepdim=True).values
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp > 1:
+        torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX,
+                                     group=parallel_state.get_tensor_model_parallel_group())
+    centred = scaled - shift
+    exp = centred.exp()
+    partition = exp.sum(dim=-1)
+    weighted = (exp * centred).sum(dim=-1)
+    if tp > 1:
+        partition = reduce_from_tensor_model_parallel_region(partition)
+        weighted = reduce_from_tensor_model_parallel_region(weighted)
+    return partition.log() - weighted / partition

@@ -7,7 +7,7 @@ models and tokenizers are built from them by the components and never stored her
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from megatron_speed.config.base import Section, require
 
@@ -216,14 +216,36 @@ class RewardConfig(Section):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AlgorithmConfig(Section):
-    advantage: Literal["rloo"] = "rloo"
+    """Advantage estimator, policy loss and reward shaping (formulas: algorithms/)."""
+
+    advantage: Literal["rloo", "grpo", "drgrpo", "js"] = "rloo"
+    js_lambda_variant: Literal["code", "paper"] = "code"  # "paper" adds the (n-1)/n factor
+    grpo_eps: float = 1e-6
     clip_low: float = 0.2
-    clip_high: float = 0.2
-    loss_aggregation: Literal["token-mean"] = "token-mean"
+    clip_high: float = 0.2  # DAPO clip-higher: 0.28
+    clip_c: float | None = None  # dual-clip cap for negative advantages (verl's clip_ratio_c; SPEED used 10)
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                              "seq-mean-token-sum-norm"] = "token-mean"
+    kl_coef: float = 0.0  # penalty to the initial (reference) policy; 0 = no reference model is built
+    kl_kind: Literal["k1", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    overlong_buffer_length: int = 0  # DAPO overlong shaping over the last N tokens; 0 = off
+    overlong_factor: float = 1.0
+
+    @property
+    def estimator_options(self) -> dict[str, Any]:
+        return {"js": {"lambda_variant": self.js_lambda_variant},
+                "grpo": {"eps": self.grpo_eps}}.get(self.advantage, {})
 
     def check(self) -> None:
         require(0 < self.clip_low < 1, "clip_low", self.clip_low, "must be in (0, 1)", "use 0.2")
         require(self.clip_high > 0, "clip_high", self.clip_high, "must be > 0", "use 0.2 (0.28 for DAPO)")
+        require(self.clip_c is None or self.clip_c > 1, "clip_c", self.clip_c, "must be > 1 or null",
+                "use 3 (verl's default), 10 (SPEED scripts) or null to turn dual-clip off")
+        require(self.kl_coef >= 0, "kl_coef", self.kl_coef, "must be >= 0", "use 0 (off) or e.g. 0.001")
+        require(self.entropy_coef >= 0, "entropy_coef", self.entropy_coef, "must be >= 0", "use 0 (off)")
+        require(self.overlong_buffer_length >= 0, "overlong_buffer_length", self.overlong_buffer_length,
+                "must be >= 0", "use 0 to turn overlong shaping off")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -303,6 +325,10 @@ class Config(Section):
         require(cur.name != "dapo" or self.rollout.n >= 2, "rollout.n", self.rollout.n,
                 "must be >= 2 for DAPO dynamic sampling (one response has no reward spread)",
                 "set rollout.n=2 or more")
+        require(self.algorithm.overlong_buffer_length <= self.rollout.max_new_tokens,
+                "algorithm.overlong_buffer_length", self.algorithm.overlong_buffer_length,
+                f"must be <= rollout.max_new_tokens ({self.rollout.max_new_tokens})",
+                "shorten the buffer or allow longer responses")
         require(self.model.hf_path != "toy" or self.data.toy is not None, "model.hf_path",
                 self.model.hf_path, "is the toy model but data.toy is not set",
                 "use the toy_cpu recipe or point model.hf_path at an HF folder")

@@ -298,6 +298,9 @@ class BufferedCurriculum:
         self.tally.samples_emitted += sum(len(g.completions) for g in batch)
         self._last.train_tokens = sum(completion_tokens(g) for g in batch)
         self._last.emitted_ages = [self._version - g.policy_version for g in batch]
+        # The batch is trained before the next call, so the policy is one version newer from here on,
+        # even if the next call returns no group to say so (an empty call while the buffer is full).
+        self._version += 1
         return batch
 
     def _after_call(self, produced: bool) -> None:

@@ -3,7 +3,8 @@
 Each generation call samples `dapo_prompts_per_call` new prompts with `rollout.n` responses
 ("train" requests). Groups with `has_reward_spread(rewards)` are queued FIFO; a step trains on the
 oldest `prompts_per_step` of them. Unlike verl, which truncates to the train batch and discards
-the rest, the surplus is kept for later steps (bounded by `max_staleness` if set). Zero-spread
+the rest, the surplus is kept for later steps (bounded by `max_staleness` if set); while it holds a
+full batch no new prompts are sampled. Zero-spread
 groups are dropped and counted as all-correct or all-wrong.
 """
 
@@ -30,6 +31,9 @@ class DynamicSamplingCurriculum(BufferedCurriculum):
         return ("train",)
 
     def _new_tickets(self) -> list[Ticket]:
+        """New prompts, unless the buffer already holds a full batch (then an empty call)."""
+        if len(self._ready) >= self.cfg.prompts_per_step:
+            return []
         return [self._ticket(p, self.n, "train") for p in self.sampler.next(self.cfg.dapo_prompts_per_call)]
 
     def _absorb(self, ticket: Ticket, group: RolloutGroup) -> None:

@@ -17,9 +17,10 @@ paper does); `max_staleness` bounds how old they may get. A group continued in t
 its screening is usually 1 version old when emitted (a train step sat in between), so
 `max_staleness=1` keeps the steady state and drops only surplus that waited longer.
 
-Left out: the reference's extra train steps without generation while the buffer is full, so with a
-high acceptance rate the ready buffer grows by (accepted per call - prompts_per_step) every call
-unless `max_staleness` trims it.
+Surplus control: while the ready buffer already holds a full train batch, a call screens no new
+prompts (it only continues the accepted ones, possibly an empty call, which the engine answers at
+once). This is the reference's "train from the buffer without generating", expressed as a smaller
+call, so the buffer stays below prompts_per_step + one call's acceptances.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class SpeedCurriculum(BufferedCurriculum):
         cont = [Ticket(request_id=i, prompt=self._screened[i].prompt, n=cfg.n_continue, phase="continue")
                 for i in self._awaiting]
         self._awaiting = []
-        fresh = self.sampler.next(cfg.screen_prompts_per_call)
+        full = len(self._ready) >= cfg.prompts_per_step
+        fresh = [] if full else self.sampler.next(cfg.screen_prompts_per_call)
         screen = [self._ticket(p, cfg.n_init, "screen") for p in fresh]
         return cont + screen
 

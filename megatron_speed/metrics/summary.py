@@ -23,8 +23,9 @@ def rollout_metrics(groups: Sequence[RolloutGroup], times: dict[str, float]) -> 
     }
 
 
-_PER_TOKEN = {"clipped_tokens": "train/clip_fraction", "ratio_sum": "train/ratio_mean",
-              "approx_kl_sum": "train/approx_kl"}
+_PER_TOKEN = {"clipped_tokens": "train/clip_fraction", "dual_clipped_tokens": "train/dual_clip_fraction",
+              "ratio_sum": "train/ratio_mean", "approx_kl_sum": "train/approx_kl", "kl_sum": "train/kl_to_reference",
+              "entropy_sum": "train/entropy"}
 
 
 def train_metrics(batch: TrainBatch, stats: dict[str, float], times: dict[str, float]) -> dict[str, float]:
@@ -36,6 +37,8 @@ def train_metrics(batch: TrainBatch, stats: dict[str, float], times: dict[str, f
         "throughput/train_tokens_per_s": float(batch.tokens.numel()) / max(times.get("time/train", 0.0), 1e-9),
     }
     for key, value in stats.items():
+        if key == "tokens":
+            continue
         if key in _PER_TOKEN:
             out[_PER_TOKEN[key]] = value / max(tokens, 1.0)
         else:

@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import Config
-from megatron_speed.recipes.toy import toy_cpu
+from megatron_speed.recipes.toy import TOY_RECIPES, toy_cpu
 
-RECIPES: dict[str, Callable[[], Config]] = {"toy_cpu": toy_cpu}
+RECIPES: dict[str, Callable[[], Config]] = {**TOY_RECIPES}
 
 
 def get_recipe(name: str) -> Callable[[], Config]:

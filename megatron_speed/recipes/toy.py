@@ -1,11 +1,18 @@
-"""The embedded default: the whole loop on a 2-core CPU in a few minutes.
+"""The embedded default: the whole loop on a 2-core CPU in a few minutes, and its algorithm variants.
 
 Task and sizes follow the measured facts in the project's toy-task notes: 1-4 digit sums, a 0.8 M
-parameter Qwen2 model warm-started on worked answers so pass rates spread between 0 and 1, RLOO
-with 8 samples per prompt, 32 prompts per step, lr 1e-4 (1e-3 collapsed the policy).
+parameter Qwen2 model warm-started on worked answers so pass rates spread between 0 and 1, 8
+samples per prompt, 32 prompts per step, lr 1e-4 (1e-3 collapsed the policy).
+
+Variants change only the algorithm and the curriculum, and keep 8 samples per trained prompt and
+256 trajectories per optimizer step, so they compare at equal compute per update:
+RLOO (n=8) | SPEED-RLOO (screen 4 + continue 4) | JS | SPEED-JS | DAPO | SPEED-DAPO.
+DAPO here is the SPEED paper's DAPO: RLOO advantages, clip-higher 0.28, dynamic sampling.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from megatron_speed.config.schema import (
     AlgorithmConfig,
@@ -32,3 +39,42 @@ def toy_cpu() -> Config:
         optim=OptimConfig(lr=1e-4, min_lr=1e-4, mini_batch_size=256, micro_batch_size=64, clip_grad=1.0),
         eval=EvalConfig(every=10, max_prompts=512),
     )
+
+
+def _variant(name: str, *, advantage: str = "rloo", curriculum: str = "none", clip_high: float = 0.2) -> Config:
+    base = toy_cpu()
+    speed = dict(n_init=4, n_continue=4, screen_prompts_per_call=64) if curriculum == "speed" else {}
+    return dataclasses.replace(
+        base,
+        run=dataclasses.replace(base.run, name=name),
+        curriculum=dataclasses.replace(base.curriculum, name=curriculum, dapo_prompts_per_call=64, **speed),
+        algorithm=dataclasses.replace(base.algorithm, advantage=advantage, clip_high=clip_high),
+    )
+
+
+def toy_cpu_rloo() -> Config:
+    return _variant("toy_cpu_rloo")
+
+
+def toy_cpu_speed_rloo() -> Config:
+    return _variant("toy_cpu_speed_rloo", curriculum="speed")
+
+
+def toy_cpu_js() -> Config:
+    return _variant("toy_cpu_js", advantage="js")
+
+
+def toy_cpu_speed_js() -> Config:
+    return _variant("toy_cpu_speed_js", advantage="js", curriculum="speed")
+
+
+def toy_cpu_dapo() -> Config:
+    return _variant("toy_cpu_dapo", curriculum="dapo", clip_high=0.28)
+
+
+def toy_cpu_speed_dapo() -> Config:
+    return _variant("toy_cpu_speed_dapo", curriculum="speed", clip_high=0.28)
+
+
+TOY_RECIPES = {f.__name__: f for f in (toy_cpu, toy_cpu_rloo, toy_cpu_speed_rloo, toy_cpu_js, toy_cpu_speed_js,
+                                       toy_cpu_dapo, toy_cpu_speed_dapo)}

@@ -49,6 +49,8 @@ class VLLMEngine:
         """Sample `request.n` responses for every request in ONE engine call."""
         from vllm import SamplingParams
 
+        if not requests:
+            return []
         ids = [self.encode(r.prompt.prompt) for r in requests]
         params = [SamplingParams(n=r.n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
                                  max_tokens=self.cfg.max_new_tokens, logprobs=0) for r in requests]

@@ -58,7 +58,7 @@ def actor(hf_dir: Path) -> MegatronActor:
     init_parallel(ParallelConfig(), seed=1)
     return MegatronActor(hf_dir, model_cfg=ModelConfig(), optim_cfg=OptimConfig(
         lr=1e-3, min_lr=1e-3, micro_batch_size=8, mini_batch_size=16), algorithm_cfg=AlgorithmConfig(),
-        temperature=1.0, total_steps=10)
+        temperature=1.0, horizon=8, total_steps=10)
 
 
 def _hf_logprobs(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:

@@ -178,10 +178,13 @@ def test_rules_on_shaped_rewards() -> None:
 
 
 def speed_checks(d: Driver, cfg: CurriculumConfig, calls: int, n_records: int) -> None:
-    """Requests: the screening stream is the sampler's, and every accepted draw is continued next call."""
+    """Requests: the screening stream is the sampler's (a call screens nothing only while a full batch
+    is already buffered), and every accepted draw is continued next call."""
     screened = [g.prompt.uid for groups in d.engine.calls for g in groups if g.phase == "screen"]
     stream = PromptSampler(records(n_records), seed=SEED).next(cfg.screen_prompts_per_call * calls)
-    assert screened == [p.uid for p in stream]
+    assert screened == [p.uid for p in stream][:len(screened)]
+    per_call = [sum(g.phase == "screen" for g in groups) for groups in d.engine.calls]
+    assert set(per_call) <= {0, cfg.screen_prompts_per_call}
     for t, groups in enumerate(d.engine.calls):
         cont = Counter(g.prompt.uid for g in groups if g.phase == "continue")
         before = d.engine.calls[t - 1] if t else []
