@@ -8,6 +8,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from megatron_speed.config.schema import Config
 from megatron_speed.metrics import plot_accuracy_vs_time
@@ -33,18 +34,20 @@ def run(cfg: Config) -> RunSummary:
     finally:
         parts.close()
     if parts.dims.is_main:
-        report(cfg, parts.out_dir, summary, setup_seconds=setup_seconds,
+        report(cfg, parts.out_dir, summary, model_path=parts.hf_path, setup_seconds=setup_seconds,
                total_seconds=time.perf_counter() - started)
     return summary
 
 
-def report(cfg: Config, out_dir, summary: RunSummary, *, setup_seconds: float, total_seconds: float) -> None:
+def report(cfg: Config, out_dir: Path, summary: RunSummary, *, model_path: Path, setup_seconds: float,
+           total_seconds: float) -> None:
     """Write summary.json and the accuracy plot, and print the one-line summary."""
     if cfg.metrics.plot:
         plot_accuracy_vs_time(summary.accuracy_curve, out_dir / "heldout_accuracy.png",
                               title=f"{cfg.run.name}: held-out accuracy (greedy)",
                               baseline=summary.warm_start_accuracy)
-    record = {**asdict(summary), "gain_points": summary.gain_points, "setup_seconds": setup_seconds,
+    record = {**asdict(summary), "gain_points": summary.gain_points, "model_path": str(model_path),
+              "setup_seconds": setup_seconds,
               "total_seconds": total_seconds, "peak_memory_gib": peak_memory_gib()}
     (out_dir / "summary.json").write_text(json.dumps(record, indent=2))
     print(f"[{cfg.run.name}] held-out accuracy {summary.warm_start_accuracy:.3f} -> {summary.final_accuracy:.3f} "
