@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_speed.algorithms import ESTIMATORS  # noqa: E402
-from megatron_speed.config.schema import RolloutConfig, ToyTaskConfig  # noqa: E402
-from megatron_speed.curriculum.batch import build_train_batch  # noqa: E402
-from megatron_speed.data.toy_task import make_problems  # noqa: E402
-from megatron_speed.records import SampleRequest  # noqa: E402
-from megatron_speed.rewards import RewardPool  # noqa: E402
-from megatron_speed.rewards.scoring import score_groups  # noqa: E402
+from megatron_speed.algorithms import ESTIMATORS
+from megatron_speed.config.schema import RolloutConfig, ToyTaskConfig
+from megatron_speed.curriculum.batch import build_train_batch
+from megatron_speed.data.toy_task import make_problems
+from megatron_speed.records import SampleRequest
+from megatron_speed.rewards import RewardPool
+from megatron_speed.rewards.scoring import score_groups
 
 
 def flat_gradient(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor,

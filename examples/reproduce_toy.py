@@ -16,6 +16,7 @@ Writes runs/reproduce_toy/results.json and runs/reproduce_toy/accuracy_vs_time.p
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -33,7 +34,7 @@ PAIRS = {"SPEED-RLOO": "RLOO", "SPEED-JS": "JS", "SPEED-DAPO": "DAPO"}
 
 def time_to_target(curve: list[list[float]], target: float) -> float | None:
     """First wall-clock time the held-out accuracy reaches `target`, interpolated; None if never."""
-    for (t0, a0), (t1, a1) in zip(curve, curve[1:]):
+    for (t0, a0), (t1, a1) in itertools.pairwise(curve):
         if a0 >= target:
             return t0
         if a1 >= target:

@@ -174,7 +174,7 @@ class MegatronActor:
             if not math.isfinite(sums["loss_num"]):
                 raise TrainingDiverged(f"loss is {sums['loss_num']} at actor step {self.version}: refusing the "
                                        "update; lower optim.lr or check the rewards for NaN")
-            ok, grad_norm, _ = self.optimizer.step()
+            _, grad_norm, _ = self.optimizer.step()
             if grad_norm is not None and not math.isfinite(grad_norm):
                 raise TrainingDiverged(f"gradient norm is {grad_norm} at actor step {self.version}")
             self.scheduler.step(increment=1)

@@ -41,7 +41,7 @@ def _is_cuda(device: Any) -> bool:
 class _CudaToCpu(TorchFunctionMode):
     """Maps CUDA device arguments to CPU and CPU tensor type names to their CUDA names."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = _CPU

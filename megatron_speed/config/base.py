@@ -107,4 +107,4 @@ def to_dict(section: Section) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ConfigError", "Section", "require", "matches", "describe_type", "to_dict", "typing"]
+__all__ = ["ConfigError", "Section", "describe_type", "matches", "require", "to_dict", "typing"]

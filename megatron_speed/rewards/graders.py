@@ -98,7 +98,7 @@ def resolve_grader(name: str) -> Grader:
                          f"registered graders are [{registered}]") from exc
     grader = getattr(module, attr, None)
     if not callable(grader):
-        raise ValueError(  # noqa: TRY004 - one error type for every way a grader name can be wrong
+        raise ValueError(
             f"grader {name!r}: module {module_name!r} has no callable {attr!r}; "
             f"registered graders are [{registered}]")
     return grader

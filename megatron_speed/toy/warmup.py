@@ -34,7 +34,13 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 
 from megatron_speed.config.base import to_dict
 from megatron_speed.config.schema import ModelConfig, ToyTaskConfig, WarmupConfig
-from megatron_speed.data.toy_task import count_carries, is_correct, make_problems, parse_operands, solution_text
+from megatron_speed.data.toy_task import (
+    count_carries,
+    is_correct,
+    make_problems,
+    parse_operands,
+    solution_text,
+)
 from megatron_speed.records import PromptRecord
 from megatron_speed.toy.model import build_toy_model, toy_qwen2_config
 from megatron_speed.toy.tokenizer import build_toy_tokenizer

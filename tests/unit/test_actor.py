@@ -14,10 +14,15 @@ import pytest
 import torch
 
 from megatron_speed.actor.actor import MegatronActor, TrainingDiverged
-from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig, RolloutConfig
+from megatron_speed.config.schema import (
+    AlgorithmConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RolloutConfig,
+)
 from megatron_speed.curriculum.batch import build_train_batch
 from megatron_speed.parallel import init_parallel
-from megatron_speed.config.schema import ParallelConfig
 from megatron_speed.records import PromptRecord, SampleRequest
 
 # Measured on the 2-core CPU (float32): Megatron vs transformers max |diff| 4.8e-7; vLLM vs actor
@@ -106,7 +111,7 @@ def test_refit_makes_vllm_logprobs_match_the_actor(actor: MegatronActor, hf_dir:
     assert diff < VLLM_TOL
 
 
-def _scored_batch(groups):  # noqa: ANN001, ANN202
+def _scored_batch(groups):
     for g in groups:
         g.rewards = [0.0] * len(g.completions)
     return build_train_batch(groups, pad_id=0)

@@ -361,7 +361,7 @@ def test_state_survives_torch_save() -> None:
 def test_load_rejects_another_curriculum() -> None:
     d = make("speed", [0.5] * 4)
     other = make("dapo", [0.5] * 4)
-    with pytest.raises(ValueError, match="curriculum.name='dapo'"):
+    with pytest.raises(ValueError, match=r"curriculum\.name='dapo'"):
         other.curriculum.load_state_dict(d.curriculum.state_dict())
 
 
@@ -402,7 +402,7 @@ def test_speed_starvation_raises_with_acceptance_and_advice(caplog: pytest.LogCa
 def test_dapo_starvation_on_all_correct_prompts() -> None:
     d = make("dapo", [1.0] * 4, dapo_prompts_per_call=3, max_calls_per_step=2)
     assert d.step() is None
-    with pytest.raises(CurriculumStarved, match="too easy.*rollout.n or curriculum.dapo_prompts_per_call"):
+    with pytest.raises(CurriculumStarved, match=r"too easy.*rollout\.n or curriculum\.dapo_prompts_per_call"):
         d.step()
 
 
