@@ -57,7 +57,7 @@ def measure(model_path: Path, *, group_sizes: list[int], batches: int, prompts: 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     results: dict[str, dict[str, float]] = {}
     rng = random.Random(seed)
-    engine = VLLMEngine(model_path, RolloutConfig(max_new_tokens=12), max_model_len=64, seed=seed)
+    engine = VLLMEngine(model_path, RolloutConfig(max_new_tokens=12, kv_cache_gib=0.25), max_model_len=64, seed=seed)
     with RewardPool("math_verify", 2, 5.0) as pool:
         for m in group_sizes:
             grads: dict[str, list[torch.Tensor]] = {"rloo": [], "js": []}

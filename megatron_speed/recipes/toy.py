@@ -33,7 +33,7 @@ def toy_cpu() -> Config:
         run=RunConfig(name="toy_cpu", output_dir="runs", steps=60, seed=1234),
         data=DataConfig(toy=ToyTaskConfig(max_digits=4, num_operands=2)),
         model=ModelConfig(hf_path="toy"),
-        rollout=RolloutConfig(n=8, temperature=1.0, max_new_tokens=12),
+        rollout=RolloutConfig(n=8, temperature=1.0, max_new_tokens=12, kv_cache_gib=0.25),
         curriculum=CurriculumConfig(name="none", prompts_per_step=32),
         algorithm=AlgorithmConfig(advantage="rloo", clip_low=0.2, clip_high=0.2),
         optim=OptimConfig(lr=1e-4, min_lr=1e-4, mini_batch_size=256, micro_batch_size=64, clip_grad=1.0),

