@@ -26,6 +26,8 @@ def run(cfg: Config) -> RunSummary:
     from megatron_speed.setup import build
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("megatron", "vllm"):  # their INFO lines (bucket layouts, engine config) drown the run's own
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     started = time.perf_counter()
     parts = build(cfg)
     setup_seconds = time.perf_counter() - started

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,18 @@ class Components:
     def close(self) -> None:
         self.rewards.close()
         self.logger.close()
+
+
+def clear_previous_run(out_dir: Path) -> None:
+    """A fresh run replaces the logs of an earlier run of the same name (HF exports are kept)."""
+    stale = [out_dir / n for n in ("metrics.jsonl", "summary.json", "heldout_accuracy.png", "tensorboard")]
+    if any(p.exists() for p in stale):
+        log.warning("%s holds an earlier run; its metrics, tensorboard logs and summary are replaced", out_dir)
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _on_main_first(dims: ParallelDims, fn: Any) -> Any:
@@ -99,6 +112,8 @@ def read_split(paths: tuple[str, ...], cfg: Config, tokenizer: Any, *, max_promp
 def build(cfg: Config) -> Components:
     dims = init_parallel(cfg.parallel, seed=cfg.run.seed)
     out_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if dims.is_main:
+        clear_previous_run(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     hf_path = _on_main_first(dims, lambda: prepare_model(cfg))
