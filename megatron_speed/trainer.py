@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -50,13 +51,14 @@ class Trainer:
         self.started = time.perf_counter()
         warm = self.evaluate()
         p.logger.log(0, {"eval/accuracy": warm, **p.data_metrics})
-        step = 0
+        step, groups, faults = 0, [], Counter()
         while step < cfg.run.steps and not self._out_of_time():
             with self.timer("generate"):
-                groups = p.engine.generate(p.curriculum.plan(), policy_version=p.actor.version)
+                call = p.engine.generate(p.curriculum.plan(), policy_version=p.actor.version)
             with self.timer("score"):
-                scoring = score_groups(p.rewards, groups)
-            train_groups = p.curriculum.update(groups)
+                faults.update(score_groups(p.rewards, call))
+            groups += call  # everything generated for this step, over one or more calls
+            train_groups = p.curriculum.update(call)
             if train_groups is None:
                 continue  # not enough finished groups yet; generate again
             step += 1
@@ -67,7 +69,8 @@ class Trainer:
                 stats = {**self.train_step(batch, advantages), **adv_stats}
             with self.timer("refit"):
                 p.engine.update_weights(p.actor.export_hf_weights())
-            self.log(step, groups, train_groups, batch, stats, scoring)
+            self.log(step, groups, train_groups, batch, stats, dict(faults))
+            groups, faults = [], Counter()
         final = self.curve[-1][1] if self.last_eval_step == step else self.evaluate()
         if self.last_eval_step != step:
             p.logger.log(step, {"eval/accuracy": final})

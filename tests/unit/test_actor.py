@@ -126,3 +126,33 @@ def test_nan_loss_stops_before_any_update(actor: MegatronActor) -> None:
         actor.train_step(tokens, mask, old, torch.full((16, 11), math.nan))
     for name, p in actor.module.named_parameters():
         assert torch.equal(p.detach(), weights[name]), name
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batch_split_does_not_change_the_gradient(hf_dir: Path, aggregation: str) -> None:
+    """16 rows with very uneven response lengths: one micro-batch of 16 vs four of 4 give the same
+    gradient through megatron's schedule, because the loss's denominator is summed over all
+    micro-batches (and ranks) before megatron divides (verl's per-micro-batch mean would not)."""
+    from megatron_speed.actor.actor import _split
+    from megatron_speed.actor.cpu_support import cpu_megatron
+
+    init_parallel(ParallelConfig(), seed=1)
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 32, (16, 14), generator=gen)
+    mask = torch.zeros(16, 13)
+    for i in range(16):
+        mask[i, 3:3 + 1 + (i * 5) % 10] = 1.0  # response lengths 1..10
+    adv = torch.randn(16, 1, generator=gen) * mask
+    actor = MegatronActor(hf_dir, model_cfg=ModelConfig(), optim_cfg=OptimConfig(micro_batch_size=4,
+                          mini_batch_size=16), algorithm_cfg=AlgorithmConfig(loss_aggregation=aggregation),
+                          temperature=1.0, horizon=10, total_steps=1)
+    old = actor.compute_logprobs(tokens) - 0.1 * mask  # ratios != 1, so clipping is exercised too
+    grads = []
+    for micro in (16, 4):
+        with cpu_megatron():
+            actor.model.zero_grad_buffer()
+            actor._run_schedule(_split(micro, tokens, mask, old, adv), train=True)
+        grads.append({n: p.main_grad.clone() for n, p in actor.module.named_parameters()})
+    assert max(g.abs().max().item() for g in grads[0].values()) > 1e-3
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-7, rtol=1e-5), name

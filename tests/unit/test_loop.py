@@ -81,3 +81,20 @@ def test_strict_mode_names_file_and_row(tmp_path: Path) -> None:
     cfg = load_config("toy_cpu", _overrides(tmp_path, f"data.train_files=[{bad}]", "data.strict=true"))
     with pytest.raises(DataError, match=r"bad\.jsonl.*row 2"):
         run(cfg)
+
+
+def test_speed_with_james_stein_runs_the_real_loop(tmp_path: Path) -> None:
+    skip = ("rollout.n=", "optim.mini_batch_size", "data.toy.train_size")  # full train set: no memorising
+    overrides = [o for o in _overrides(tmp_path) if not o.startswith(skip)]
+    cfg = load_config("toy_cpu_speed_js", [*overrides, "curriculum.n_init=4", "curriculum.n_continue=4",
+                                           "curriculum.screen_prompts_per_call=16", "optim.mini_batch_size=16",
+                                           "model.warmup.steps=300"])
+    summary = run(cfg)
+    assert summary.steps == 2
+    rows = [json.loads(line) for line in (tmp_path / "toy_cpu_speed_js" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    for key in ("curriculum/acceptance_rate", "curriculum/generated_tokens_screen", "curriculum/ready_groups",
+                "advantage/js_lambda_mean", "train/sequences"):
+        assert key in last, key
+    assert last["train/sequences"] == 8 * 8  # prompts_per_step x (n_init + n_continue)
+    assert 0.0 <= last["advantage/js_lambda_mean"] < 1.0
