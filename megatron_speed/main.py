@@ -53,6 +53,7 @@ def report(cfg: Config, out_dir: Path, summary: RunSummary, *, model_path: Path,
               "total_seconds": total_seconds, "peak_memory_gib": peak_memory_gib()}
     (out_dir / "summary.json").write_text(json.dumps(record, indent=2))
     print(f"[{cfg.run.name}] held-out accuracy {summary.warm_start_accuracy:.3f} -> {summary.final_accuracy:.3f} "
-          f"({summary.gain_points:+.1f} pts) in {summary.steps} steps; RL {summary.seconds:.0f} s, setup "
+          f"({summary.gain_points:+.1f} pts) in {summary.steps} steps; RL {summary.seconds:.0f} s, "
+          f"evaluation {summary.eval_seconds:.0f} s, setup "
           f"{setup_seconds:.0f} s, total {total_seconds:.0f} s; peak memory {record['peak_memory_gib']:.2f} GiB; "
           f"logs in {out_dir}", flush=True)

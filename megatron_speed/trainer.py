@@ -27,7 +27,8 @@ from megatron_speed.setup import Components
 @dataclass(frozen=True)
 class RunSummary:
     steps: int
-    seconds: float
+    seconds: float  # RL wall-clock: generation, scoring, training, refit (evaluation excluded)
+    eval_seconds: float
     warm_start_accuracy: float
     final_accuracy: float
     accuracy_curve: list[tuple[float, float]]  # (wall seconds since start of RL, held-out accuracy)
@@ -75,7 +76,7 @@ class Trainer:
         if self.last_eval_step != step:
             p.logger.log(step, {"eval/accuracy": final})
         p.save_hf("final")
-        return RunSummary(steps=step, seconds=time.perf_counter() - self.started,
+        return RunSummary(steps=step, seconds=self._rl_seconds(), eval_seconds=self.eval_seconds,
                           warm_start_accuracy=warm, final_accuracy=final, accuracy_curve=list(self.curve))
 
     def train_step(self, batch: TrainBatch, advantages: torch.Tensor) -> dict[str, float]:

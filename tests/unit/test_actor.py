@@ -156,3 +156,22 @@ def test_micro_batch_split_does_not_change_the_gradient(hf_dir: Path, aggregatio
     assert max(g.abs().max().item() for g in grads[0].values()) > 1e-3
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-7, rtol=1e-5), name
+
+
+def test_kl_penalty_and_entropy_bonus_enter_the_loss(hf_dir: Path) -> None:
+    """With kl_coef > 0 a frozen reference model is built; at the first step policy == reference, so
+    the KL term is 0, and after an update it is positive. The entropy bonus is reported."""
+    init_parallel(ParallelConfig(), seed=1)
+    actor = MegatronActor(hf_dir, model_cfg=ModelConfig(), optim_cfg=OptimConfig(
+        lr=1e-2, min_lr=1e-2, micro_batch_size=8, mini_batch_size=8),
+        algorithm_cfg=AlgorithmConfig(kl_coef=0.1, kl_kind="k3", entropy_coef=0.01), temperature=1.0,
+        horizon=8, total_steps=2)
+    tokens = torch.randint(0, 32, (8, 12), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(8, 11)
+    adv = torch.randn(8, 1, generator=torch.Generator().manual_seed(10)) * mask
+    first = actor.train_step(tokens, mask, actor.compute_logprobs(tokens), adv)
+    assert first["kl_sum"] == pytest.approx(0.0, abs=1e-5) and first["entropy_sum"] > 0
+    second = actor.train_step(tokens, mask, actor.compute_logprobs(tokens), adv)
+    assert second["kl_sum"] > 1e-4
+    ref = actor.compute_logprobs(tokens, reference=True)
+    assert torch.allclose(ref, _hf_logprobs(hf_dir, tokens), atol=HF_TOL)  # the reference stays frozen
