@@ -79,6 +79,11 @@ class TrainBatch:
     group_offsets: torch.Tensor  # [G+1] int64
     uids: list[str]  # [G]
 
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The same batch with its tensors on `device` (the trainer moves it to the GPU when present)."""
+        tensors = ("tokens", "response_mask", "rollout_logprobs", "rewards", "group_offsets")
+        return TrainBatch(**{k: getattr(self, k).to(device) for k in tensors}, uids=list(self.uids))
+
     @property
     def num_sequences(self) -> int:
         return int(self.tokens.shape[0])

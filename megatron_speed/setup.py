@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from megatron_speed.actor.actor import MegatronActor
@@ -40,6 +41,11 @@ class Components:
     eval_records: list[PromptRecord]
     pad_id: int
     data_metrics: dict[str, float]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the actor's tensors live: this rank's GPU, or the CPU."""
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def save_hf(self, tag: str) -> Path | None:
         """Export the policy in HF format under out_dir/hf/<tag> (rank 0 writes)."""

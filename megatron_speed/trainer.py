@@ -17,6 +17,7 @@ from megatron_speed.algorithms import ESTIMATORS, broadcast_to_tokens, js_shrink
 from megatron_speed.config.schema import AlgorithmConfig
 from megatron_speed.curriculum.batch import build_train_batch
 from megatron_speed.evaluate import heldout_accuracy
+from megatron_speed.kernels import js_token_advantages
 from megatron_speed.metrics import PhaseTimer
 from megatron_speed.metrics.summary import rollout_metrics, train_metrics
 from megatron_speed.records import RolloutGroup, TrainBatch
@@ -63,7 +64,7 @@ class Trainer:
             if train_groups is None:
                 continue  # not enough finished groups yet; generate again
             step += 1
-            batch = build_train_batch(train_groups, pad_id=p.pad_id)
+            batch = build_train_batch(train_groups, pad_id=p.pad_id).to(p.device)
             with self.timer("advantages"):
                 advantages, adv_stats = compute_advantages(batch, cfg.algorithm, horizon=cfg.rollout.max_new_tokens)
             with self.timer("train"):
@@ -79,11 +80,10 @@ class Trainer:
         return RunSummary(steps=step, seconds=self._rl_seconds(), eval_seconds=self.eval_seconds,
                           warm_start_accuracy=warm, final_accuracy=final, accuracy_curve=list(self.curve))
 
-    def train_step(self, batch: TrainBatch, advantages: torch.Tensor) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, token_adv: torch.Tensor) -> dict[str, float]:
         """Recompute old log-probs with the actor, then PPO-clip updates over the batch."""
         actor = self.parts.actor
         old_logprobs = actor.compute_logprobs(batch.tokens)
-        token_adv = broadcast_to_tokens(advantages, batch.response_mask)
         stats = actor.train_step(batch.tokens, batch.response_mask, old_logprobs, token_adv)
         stats.update(_mismatch(old_logprobs, batch.rollout_logprobs, batch.response_mask))
         return stats
@@ -120,7 +120,11 @@ class Trainer:
 
 def compute_advantages(batch: TrainBatch, cfg: AlgorithmConfig, *, horizon: int) -> tuple[torch.Tensor,
                                                                                        dict[str, float]]:
-    """Shape rewards (DAPO overlong penalty, if on), then the configured grouped estimator."""
+    """Token advantages [N, S-1]: shape rewards (DAPO overlong penalty, if on), then the grouped estimator.
+
+    James-Stein goes through the fused kernel's dispatch (Triton on CUDA tensors, the PyTorch
+    reference on CPU); the other estimators are per-sample and broadcast onto the response tokens.
+    """
     rewards = batch.rewards
     stats: dict[str, float] = {}
     if cfg.overlong_buffer_length:
@@ -129,12 +133,16 @@ def compute_advantages(batch: TrainBatch, cfg: AlgorithmConfig, *, horizon: int)
                                    factor=cfg.overlong_factor)
         rewards = rewards + penalty
         stats["advantage/overlong_penalty_mean"] = float(penalty.mean())
-    advantages = ESTIMATORS[cfg.advantage](rewards, batch.group_offsets, **cfg.estimator_options)
     if cfg.advantage == "js":
+        token_adv = js_token_advantages(rewards, batch.group_offsets, batch.response_mask, cfg.js_lambda_variant)
         lam = js_shrinkage(rewards, batch.group_offsets, lambda_variant=cfg.js_lambda_variant)
         stats["advantage/js_lambda_mean"] = float(lam.mean())
-    stats["advantage/abs_mean"] = float(advantages.abs().mean())
-    return advantages, stats
+    else:
+        advantages = ESTIMATORS[cfg.advantage](rewards, batch.group_offsets, **cfg.estimator_options)
+        token_adv = broadcast_to_tokens(advantages, batch.response_mask)
+    n = batch.response_mask.sum().clamp(min=1)
+    stats["advantage/token_abs_mean"] = float(token_adv.abs().sum() / n)
+    return token_adv, stats
 
 
 def _mismatch(actor_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

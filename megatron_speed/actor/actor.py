@@ -101,7 +101,7 @@ class MegatronActor:
     # --- forward/backward through megatron's schedule -------------------------------------------
     def _forward_step(self, data_iterator: Iterator[MicroBatch], model: Any, *, train: bool) -> Any:
         mb = next(data_iterator)
-        positions = torch.arange(mb.tokens.shape[1]).unsqueeze(0).expand_as(mb.tokens)
+        positions = torch.arange(mb.tokens.shape[1], device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
         logits = model(mb.tokens, positions, attention_mask=None)
         return logits, partial(self._loss, mb, train)
 
@@ -140,7 +140,7 @@ class MegatronActor:
     @torch.no_grad()
     def compute_logprobs(self, tokens: torch.Tensor, *, reference: bool = False) -> torch.Tensor:
         """Log-probs [N, S-1] of each next token under the current (or the reference) weights."""
-        zeros = torch.zeros(tokens.shape[0], tokens.shape[1] - 1)
+        zeros = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, device=tokens.device)
         mbs = _split(self.optim_cfg.micro_batch_size, tokens, zeros, zeros, zeros)
         model = self.reference if reference else self.model
         model.eval()

@@ -15,16 +15,13 @@ is no backward (advantages are constants of the loss).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, get_args
+from typing import get_args
 
 import torch
 from torch import Tensor
 
 from megatron_speed.algorithms.advantages import broadcast_to_tokens
 from megatron_speed.algorithms.js import LambdaVariant, js
-
-if TYPE_CHECKING:
-    from megatron_speed.kernels.js_triton import TokenLayout
 
 
 def js_token_advantages_reference(rewards: Tensor, group_offsets: Tensor, response_mask: Tensor,
@@ -94,14 +91,17 @@ def _output(out: Tensor | None, rewards: Tensor, num_tokens: int, out_dtype: tor
     return out
 
 
-def _run(rewards: Tensor, group_offsets: Tensor, layout: TokenLayout, out: Tensor, lambda_variant: LambdaVariant,
-         eps: float, force_lambda: float | None) -> Tensor:
-    """Launch the Triton kernels (imported here: triton is needed only on this path)."""
+def _run(rewards: Tensor, group_offsets: Tensor, out: Tensor, lambda_variant: LambdaVariant, eps: float,
+         force_lambda: float | None, *, mask: Tensor | None = None, start: Tensor | None = None,
+         length: Tensor | None = None) -> Tensor:
+    """Launch the Triton kernels on `out` (imported here: Triton is needed only on this path)."""
+    if out.numel() == 0:
+        return out
     from megatron_speed.kernels import js_triton
 
-    if out.numel() > 0:
-        js_triton.launch_js_tokens(rewards.contiguous(), group_offsets.to(rewards.device).contiguous(), layout, out,
-                                   paper=lambda_variant == "paper", eps=eps, force_lambda=force_lambda)
+    layout = js_triton.TokenLayout(num_tokens=out.shape[1], mask=mask, start=start, length=length)
+    js_triton.launch_js_tokens(rewards.contiguous(), group_offsets.to(rewards.device).contiguous(), layout, out,
+                               paper=lambda_variant == "paper", eps=eps, force_lambda=force_lambda)
     return out
 
 
@@ -124,10 +124,7 @@ def js_token_advantages(rewards: Tensor, group_offsets: Tensor, response_mask: T
     if not (rewards.is_cuda or force_triton):
         return out.copy_(js_token_advantages_reference(rewards, group_offsets, response_mask, lambda_variant,
                                                        out_dtype, eps=eps, force_lambda=force_lambda))
-    from megatron_speed.kernels import js_triton
-
-    layout = js_triton.TokenLayout(num_tokens=response_mask.shape[1], mask=response_mask)
-    return _run(rewards, group_offsets, layout, out, lambda_variant, eps, force_lambda)
+    return _run(rewards, group_offsets, out, lambda_variant, eps, force_lambda, mask=response_mask)
 
 
 def js_token_advantages_from_lengths(rewards: Tensor, group_offsets: Tensor, response_start: Tensor,
@@ -153,11 +150,8 @@ def js_token_advantages_from_lengths(rewards: Tensor, group_offsets: Tensor, res
         return out.copy_(js_token_advantages_from_lengths_reference(
             rewards, group_offsets, response_start, response_length, num_tokens, lambda_variant, out_dtype,
             eps=eps, force_lambda=force_lambda))
-    from megatron_speed.kernels import js_triton
-
-    layout = js_triton.TokenLayout(num_tokens=num_tokens, start=response_start.contiguous(),
-                         length=response_length.contiguous())
-    return _run(rewards, group_offsets, layout, out, lambda_variant, eps, force_lambda)
+    return _run(rewards, group_offsets, out, lambda_variant, eps, force_lambda, start=response_start.contiguous(),
+                length=response_length.contiguous())
 
 
 __all__ = ["js_token_advantages", "js_token_advantages_from_lengths", "js_token_advantages_from_lengths_reference",

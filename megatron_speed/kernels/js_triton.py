@@ -211,26 +211,43 @@ class _Tiling:
     num_warps: int
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """Upper bounds for `_Tiling`, per backend (elements unless said otherwise)."""
+
+    tile: int  # output elements per [row block, token block] tile
+    tokens: int  # token block
+    totals: int  # lanes of the batch re-reduction
+    members: int  # member block of the statistics kernel
+    stats: int  # groups x members per statistics program
+    programs: int  # persistent programs per SM (GPU) or in all (interpreter)
+    num_warps: int
+
+
+# GPU: 16 KiB fp32 output tiles over 8 warps, 4 resident programs per SM to hide the gather latency.
+# Interpreter: tiny blocks and 3 programs, so small test inputs exercise every loop of both kernels.
+_GPU = _Limits(tile=4096, tokens=1024, totals=1024, members=1024, stats=1024, programs=4, num_warps=8)
+_INTERPRETER = _Limits(tile=64, tokens=16, totals=8, members=4, stats=8, programs=3, num_warps=1)
+
+
 @functools.lru_cache(maxsize=16)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _tiling(device: torch.device, num_rows: int, num_tokens: int, num_groups: int) -> _Tiling:
-    """GPU: 4096-element output tiles, 4 programs per SM. Interpreter (CPU): tiny tiles, 3 programs,
-    so that small test inputs still exercise every loop (members, groups, row blocks, token tiles)."""
-    on_gpu = device.type == "cuda"
-    tile, token_cap, totals_cap, member_cap = (4096, 1024, 1024, 1024) if on_gpu else (64, 16, 8, 4)
-    programs = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if on_gpu else 3
-    member_block = min(triton.next_power_of_2(max(1, -(-num_rows // max(num_groups, 1)))), member_cap)
-    token_block = min(triton.next_power_of_2(max(num_tokens, 1)), token_cap)
-    row_block = max(1, min(tile // token_block, triton.next_power_of_2(max(num_rows, 1))))
-    return _Tiling(group_block=max(1, 1024 // member_block) if on_gpu else 2,
-                   member_block=member_block,
-                   totals_block=min(triton.next_power_of_2(max(num_groups, 1)), totals_cap),
-                   row_block=row_block, token_block=token_block, programs=programs,
-                   num_warps=8 if on_gpu else 1)
+    """Block sizes from shapes only: the member block follows the mean group size N/G."""
+    limits = _GPU if device.type == "cuda" else _INTERPRETER
+    programs = limits.programs
+    if device.type == "cuda":
+        programs *= _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    mean_group = -(-num_rows // max(num_groups, 1))
+    member_block = min(triton.next_power_of_2(max(mean_group, 1)), limits.members)
+    token_block = min(triton.next_power_of_2(max(num_tokens, 1)), limits.tokens)
+    return _Tiling(group_block=max(1, limits.stats // member_block), member_block=member_block,
+                   totals_block=min(triton.next_power_of_2(max(num_groups, 1)), limits.totals),
+                   row_block=max(1, min(limits.tile // token_block, triton.next_power_of_2(max(num_rows, 1)))),
+                   token_block=token_block, programs=programs, num_warps=limits.num_warps)
 
 
 def _empty(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:

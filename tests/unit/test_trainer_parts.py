@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_speed.algorithms import js, overlong_penalty, rloo
+from megatron_speed.algorithms import broadcast_to_tokens, js, overlong_penalty, rloo
 from megatron_speed.config.schema import AlgorithmConfig
 from megatron_speed.records import TrainBatch
 from megatron_speed.trainer import _mismatch, compute_advantages
@@ -23,9 +23,11 @@ def _batch(rewards: list[float], lengths: list[int], offsets: list[int]) -> Trai
 def test_rloo_by_default_and_js_with_its_lambda() -> None:
     batch = _batch([1.0, 0.0, 1.0, 0.0, 0.0, 1.0], [3] * 6, [0, 3, 6])
     adv, stats = compute_advantages(batch, AlgorithmConfig(), horizon=8)
-    assert torch.allclose(adv, rloo(batch.rewards, batch.group_offsets))
+    mask = batch.response_mask
+    assert torch.allclose(adv, broadcast_to_tokens(rloo(batch.rewards, batch.group_offsets), mask))
     adv, stats = compute_advantages(batch, AlgorithmConfig(advantage="js", js_lambda_variant="paper"), horizon=8)
-    assert torch.allclose(adv, js(batch.rewards, batch.group_offsets, lambda_variant="paper"))
+    expected = js(batch.rewards, batch.group_offsets, lambda_variant="paper")
+    assert torch.allclose(adv, broadcast_to_tokens(expected, mask), atol=1e-6)
     assert 0.0 <= stats["advantage/js_lambda_mean"] < 1.0
 
 
@@ -36,7 +38,7 @@ def test_overlong_penalty_is_added_before_the_estimator() -> None:
     lengths = torch.tensor([2.0, 8.0, 8.0, 3.0])
     shaped = batch.rewards + overlong_penalty(lengths, max_length=8, buffer_length=4, factor=1.0)
     expected = torch.cat([shaped[:2] - shaped[:2].mean(), shaped[2:] - shaped[2:].mean()])
-    assert torch.allclose(adv, expected)
+    assert torch.allclose(adv, broadcast_to_tokens(expected, batch.response_mask))
     assert stats["advantage/overlong_penalty_mean"] < 0
 
 
