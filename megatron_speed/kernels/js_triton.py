@@ -14,9 +14,10 @@ Why not one launch: λ_g needs statistics of *every* group, i.e. a grid-wide red
 first output element can be written. Inside one launch that needs either a grid barrier (programs
 spinning on a counter, which deadlocks when not all programs are resident, and always under the
 interpreter, which runs programs one after another) or every program recomputing all group statistics
-from the N rewards (a serial, latency-bound pass per program that costs more than the launch it saves).
-Float atomics would also make the result depend on the order of arrival. The persistent grid keeps
-the redundant re-reduction of the G statistics to a few hundred programs.
+from the N rewards (a serial, latency-bound gather pass per program, expected to cost more than the
+few microseconds of the launch it saves; an estimate, not measured). Float atomics would also make
+the result depend on the order of arrival. The persistent grid keeps the redundant re-reduction of
+the G statistics (not of the N rewards) to a few hundred programs.
 
 All arithmetic is float32 whatever the reward or output dtype; the formulas and their order follow
 `megatron_speed.algorithms.js` (the centred spread, the edge-case order for λ). Malformed offsets are
