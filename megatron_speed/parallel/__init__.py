@@ -47,6 +47,10 @@ def init_parallel(cfg: ParallelConfig, *, seed: int) -> ParallelDims:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        # The world these groups belonged to was destroyed (a vLLM engine shutting down in this process
+        # tears down the torch.distributed world it joined): forget them and build afresh.
+        parallel_state.destroy_model_parallel()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
