@@ -239,8 +239,8 @@ class AlgorithmConfig(Section):
 
     @property
     def estimator_options(self) -> dict[str, Any]:
-        return {"js": {"lambda_variant": self.js_lambda_variant},
-                "grpo": {"eps": self.grpo_eps}}.get(self.advantage, {})
+        """Options for the per-sample estimators (js goes through the fused kernel's own signature)."""
+        return {"grpo": {"eps": self.grpo_eps}}.get(self.advantage, {})
 
     def check(self) -> None:
         require(0 < self.clip_low < 1, "clip_low", self.clip_low, "must be in (0, 1)", "use 0.2")
