@@ -23,6 +23,7 @@ from megatron_speed.actor.model import build_gpt_model
 from megatron_speed.actor.optimizer import build_optimizer
 from megatron_speed.algorithms import aggregate_loss, kl_penalty, policy_objective, ppo_clip_token_loss
 from megatron_speed.bridge import mapping_for
+from megatron_speed.bridge.weights import export_hf_weights, load_hf_weights
 from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig
 
 
@@ -63,7 +64,7 @@ class MegatronActor:
         dtype = torch.bfloat16 if model_cfg.params_dtype == "bfloat16" else torch.float32
         with cpu_megatron():
             model = build_gpt_model(self.hf_config, params_dtype=dtype, tp=tp, pp=pp)
-            self._load_hf_weights(model)
+            load_hf_weights(model, self.mapping, self.hf_path)
             ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                        use_distributed_optimizer=False,
                                                        check_for_nan_in_grad=False)
@@ -76,7 +77,7 @@ class MegatronActor:
             self.reference = None
             if algorithm_cfg.kl_coef > 0:
                 self.reference = build_gpt_model(self.hf_config, params_dtype=dtype, tp=tp, pp=pp)
-                self._load_hf_weights(self.reference)
+                load_hf_weights(self.reference, self.mapping, self.hf_path)
                 self.reference.config.finalize_model_grads_func = None
                 self.reference.requires_grad_(False)
         self.version = 0
@@ -84,19 +85,6 @@ class MegatronActor:
     @property
     def module(self) -> torch.nn.Module:
         return self.model.module
-
-    def _load_hf_weights(self, model: torch.nn.Module) -> None:
-        from safetensors.torch import load_file
-
-        hf: dict[str, torch.Tensor] = {}
-        for file in sorted(self.hf_path.glob("*.safetensors")):
-            hf.update(load_file(file))
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in self.mapping.from_hf(params, hf):
-                if params[name].shape != tensor.shape:
-                    raise ValueError(f"{name}: HF shape {tuple(tensor.shape)} != Megatron {tuple(params[name].shape)}")
-                params[name].copy_(tensor)
 
     # --- forward/backward through megatron's schedule -------------------------------------------
     def _forward_step(self, data_iterator: Iterator[MicroBatch], model: Any, *, train: bool) -> Any:
@@ -184,6 +172,5 @@ class MegatronActor:
 
     # --- weights out ------------------------------------------------------------------------------
     def export_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream the policy as HF-named full tensors (TP=1: the local tensors are full)."""
-        for name, param in self.module.named_parameters():
-            yield from self.mapping.to_hf(name, param.detach())
+        """Stream the policy as HF-named full tensors (collective: every rank iterates it to the end)."""
+        return export_hf_weights(self.model, self.mapping)

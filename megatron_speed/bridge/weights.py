@@ -1,0 +1,197 @@
+"""Move weights between HF-named full tensors and this rank's Megatron shards, for any TP/PP/VPP layout.
+
+`load_hf_weights` gives each rank its shard of every full HF-built tensor; `export_hf_weights` streams
+HF-named FULL tensors on every rank, one parameter at a time, so memory stays bounded by the largest
+parameter. The family mapping (`bridge/mapping.py`) works on full tensors only; this module adds the
+layout facts that megatron keeps on each parameter:
+
+* `tensor_model_parallel` / `partition_dim`: the split dimension (column-parallel and vocab-parallel
+  weights and biases split dim 0, row-parallel weights dim 1; norms are replicated);
+* the GLU `linear_fc1` shard is [gate_shard; up_shard], not a dim-0 slice of cat(gate, up);
+* the fused QKV of `merge_qkv` is laid out per query group, so a dim-0 split hands each rank whole
+  groups, which is what megatron's attention expects (num_query_groups must divide by TP);
+* a pipeline stage numbers its layers from 0: megatron's `get_transformer_layer_offset` maps them to
+  global indices (per virtual chunk with VPP);
+* with tied embeddings and PP > 1 the last stage holds `output_layer.weight`, a copy of the word
+  embedding kept in sync by megatron's embedding group: it loads from the embedding and is never
+  exported.
+
+Deliberately left out: vocabularies that TP does not divide (megatron would pad them), MoE experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_speed.bridge.mapping import FamilyMapping
+
+EMBEDDING = "embedding.word_embeddings.weight"
+TIED_OUTPUT = "output_layer.weight"
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+Chunks = torch.nn.Module | Sequence[torch.nn.Module]
+
+
+def _chunks(model: Chunks) -> list[torch.nn.Module]:
+    """The bare GPTModel chunk(s), without DDP / Float16Module wrappers."""
+    chunks = list(model) if isinstance(model, Sequence) else [model]
+    out = []
+    for chunk in chunks:
+        while hasattr(chunk, "module"):
+            chunk = chunk.module
+        out.append(chunk)
+    return out
+
+
+def _global_params(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(global megatron name, local parameter) for one chunk: layer indices shifted by the stage offset."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset = get_transformer_layer_offset(chunk.config, vp_stage=getattr(chunk, "vp_stage", None))
+    for name, param in chunk.named_parameters():
+        yield _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name), param
+
+
+def _is_tied_copy(chunk: torch.nn.Module, name: str) -> bool:
+    return name == TIED_OUTPUT and bool(getattr(chunk, "share_embeddings_and_output_weights", False))
+
+
+def _is_glu(mapping: FamilyMapping, name: str) -> bool:
+    return mapping._match(name)[0].kind == "gate_up"
+
+
+def _tp() -> tuple[int, int, Any]:
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
+            ps.get_tensor_model_parallel_group())
+
+
+def _shard(full: torch.Tensor, param: torch.nn.Parameter, glu: bool) -> torch.Tensor:
+    """This TP rank's piece of a full tensor, in the layout megatron's layer expects."""
+    size, rank, _ = _tp()
+    if size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    if full.shape[dim] % size:
+        raise ValueError(f"dim {dim} of shape {tuple(full.shape)} does not divide by tensor_parallel_size={size}")
+    if glu:  # [gate; up] -> [gate_shard; up_shard]
+        return torch.cat([torch.chunk(half, size, dim=dim)[rank] for half in torch.chunk(full, 2, dim=dim)], dim)
+    return torch.chunk(full, size, dim=dim)[rank]
+
+
+class _SafetensorsDir(Mapping[str, torch.Tensor]):
+    """HF tensors of a checkpoint directory, read from disk only when asked for (safe_open)."""
+
+    def __init__(self, path: Path, stack: contextlib.ExitStack) -> None:
+        from safetensors import safe_open
+
+        self._files: dict[str, Any] = {}
+        for file in sorted(path.glob("*.safetensors")):
+            handle = stack.enter_context(safe_open(str(file), framework="pt"))
+            self._files.update(dict.fromkeys(handle.keys(), handle))
+        if not self._files:
+            raise FileNotFoundError(f"no *.safetensors files in {path}")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._files[key].get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+@torch.no_grad()
+def load_hf_weights(model: Chunks, mapping: FamilyMapping, hf: Path | Mapping[str, torch.Tensor]) -> None:
+    """Copy HF weights (a checkpoint directory or a state dict) into this rank's shards of `model`.
+
+    Each parameter builds its full tensor from the HF tensors it needs (read lazily from disk), keeps
+    this rank's shard and drops the rest, so peak memory is one full parameter, not the checkpoint.
+    """
+    with contextlib.ExitStack() as stack:
+        source = _SafetensorsDir(Path(hf), stack) if isinstance(hf, (str, Path)) else hf
+        for chunk in _chunks(model):
+            for name, param in _global_params(chunk):
+                lookup = EMBEDDING if _is_tied_copy(chunk, name) else name
+                _, full = next(mapping.from_hf([lookup], source))
+                shard = _shard(full, param, _is_glu(mapping, lookup))
+                if shard.shape != param.shape:
+                    raise ValueError(f"{name}: HF shard shape {tuple(shard.shape)} != Megatron {tuple(param.shape)}")
+                param.copy_(shard)
+
+
+def _gather_tp(param: torch.Tensor, glu: bool) -> torch.Tensor:
+    """The full tensor of a TP-sharded parameter (all_gather in the TP group, GLU interleave undone)."""
+    size, _, group = _tp()
+    if size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return param.detach()
+    dim = param.partition_dim
+    parts = [torch.empty_like(param) for _ in range(size)]
+    dist.all_gather(parts, param.detach().contiguous(), group=group)
+    if glu:  # each part is [gate_shard; up_shard]
+        halves = [torch.chunk(p, 2, dim=dim) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(parts, dim=dim)
+
+
+def _export_order(name: str) -> tuple[int, int]:
+    """HF order: embedding, layers by global index, then the final norm and the output layer."""
+    if name == EMBEDDING:
+        return (0, 0)
+    m = _LAYER.match(name)
+    return (1, int(m.group(1))) if m else (2, 0)
+
+
+def _pp_index(local: dict[str, tuple[torch.nn.Module, torch.nn.Parameter]]) -> list[tuple[str, int, Any]]:
+    """Every parameter of the whole pipeline as (global name, owning stage, (shape, dtype)), the same
+    list on every rank: each stage announces what it owns via all_gather_object in the PP group."""
+    from megatron.core import parallel_state as ps
+
+    size, _, _ = _tp()
+    mine = []
+    for name, (_, param) in local.items():
+        shape = list(param.shape)
+        if size > 1 and getattr(param, "tensor_model_parallel", False):
+            shape[param.partition_dim] *= size
+        mine.append((name, (tuple(shape), param.dtype)))
+    pp = ps.get_pipeline_model_parallel_world_size()
+    stages: list[Any] = [mine]
+    if pp > 1:
+        stages = [None] * pp
+        dist.all_gather_object(stages, mine, group=ps.get_pipeline_model_parallel_group())
+    index = [(name, stage, meta) for stage, owned in enumerate(stages) for name, meta in owned]
+    return sorted(index, key=lambda item: _export_order(item[0]))  # stable: local order within a layer
+
+
+@torch.no_grad()
+def export_hf_weights(model: Chunks, mapping: FamilyMapping) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream the policy as HF-named FULL tensors, identically on every rank (what the vLLM refit takes).
+
+    Collective: every rank must iterate the generator to the end in step. Parameters go one at a time in
+    a global order all ranks agree on: the owning stage gathers the TP shards, then broadcasts the full
+    tensor to the other pipeline stages.
+    """
+    from megatron.core import parallel_state as ps
+
+    local = {name: (chunk, param) for chunk in _chunks(model) for name, param in _global_params(chunk)
+             if not _is_tied_copy(chunk, name)}
+    pp_rank, pp_group = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_group()
+    for name, stage, (shape, dtype) in _pp_index(local):
+        if stage == pp_rank:
+            full = _gather_tp(local[name][1], _is_glu(mapping, name))
+        else:
+            full = torch.empty(shape, dtype=dtype, device=torch.cuda.current_device()
+                               if torch.cuda.is_available() else "cpu")
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            full = full.contiguous()
+            dist.broadcast(full, src=dist.get_global_rank(pp_group, stage), group=pp_group)
+        yield from mapping.to_hf(name, full)
