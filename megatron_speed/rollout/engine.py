@@ -21,6 +21,7 @@ import torch
 from megatron_speed.config.schema import RolloutConfig
 from megatron_speed.records import Completion, PromptRecord, RolloutGroup, SampleRequest
 from megatron_speed.rollout import compat
+from megatron_speed.rollout.seeding import request_seed
 
 # vLLM reads these at import; in-process engines are what the SPMD design needs.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -31,7 +32,7 @@ class VLLMEngine:
     """Wraps `vllm.LLM` with the calls the loop needs and nothing else."""
 
     def __init__(self, hf_path: str | Path, cfg: RolloutConfig, *, max_model_len: int, world_size: int = 1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, rank: int = 0) -> None:
         from vllm import LLM
 
         self.cfg = cfg
@@ -41,6 +42,8 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.init_seconds = time.perf_counter() - started
         self.sleeping = False
+        # Per-request sampling seeds (rollout/seeding.py); `calls` is saved in the trainer state.
+        self.seed, self.rank, self.calls = seed, rank, 0
 
     def encode(self, prompt: str) -> list[int]:
         return list(self.tokenizer.encode(prompt))
@@ -53,7 +56,10 @@ class VLLMEngine:
             return []
         ids = [self.encode(r.prompt.prompt) for r in requests]
         params = [SamplingParams(n=r.n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                 max_tokens=self.cfg.max_new_tokens, logprobs=0) for r in requests]
+                                 max_tokens=self.cfg.max_new_tokens, logprobs=0,
+                                 seed=request_seed(self.seed, self.rank, self.calls, i))
+                  for i, r in enumerate(requests)]
+        self.calls += 1
         outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
         return [RolloutGroup(prompt=r.prompt, prompt_token_ids=tuple(x), phase=r.phase,
                              policy_version=policy_version,
