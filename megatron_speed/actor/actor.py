@@ -1,22 +1,34 @@
 """The Megatron actor: policy shards, log-probs, the PPO-clip train step, and HF-named weight export.
 
 The loss runs through megatron-core's forward-backward schedule so micro-batching and pipeline
-parallelism come from the library. The loss function returns a token SUM and the number of tokens;
-with `calculate_per_token_loss` megatron divides the gradients by the token count summed over all
-micro-batches and data-parallel ranks, so "token-mean" is the true mean over the mini-batch.
+parallelism (also interleaved, with virtual stages) come from the library. The loss function returns
+a token SUM and the number of tokens; with `calculate_per_token_loss` megatron divides the gradients
+by the token count summed over all micro-batches and data-parallel ranks, so "token-mean" is the true
+mean over the mini-batch.
+
+SPMD contract: `compute_logprobs` and `train_step` receive the FULL batch on every rank. A rank keeps
+its contiguous share of rows for its data-parallel index, and results come back full and identical on
+every rank: log-probs exist only on the last pipeline stage, so they are broadcast over the pipeline
+group and then all-gathered over data parallelism; loss statistics are summed over micro-batches and
+data-parallel ranks on the last stage and broadcast from there.
+
+With PP > 1 the model config sets `variable_seq_lengths`: the stages exchange each activation's shape
+before the activation, so micro-batches may differ in rows (the last, smaller one) and in length
+(dynamic batching) — checked on CPU with PP=2.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from megatron_speed.actor.batching import MicroBatch, cut, plan, row_lengths, scatter_rows, split_rows
 from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.actor.logprobs import token_entropy, token_logprobs
 from megatron_speed.actor.model import build_gpt_model
@@ -24,67 +36,119 @@ from megatron_speed.actor.optimizer import build_optimizer
 from megatron_speed.algorithms import aggregate_loss, kl_penalty, policy_objective, ppo_clip_token_loss
 from megatron_speed.bridge import mapping_for
 from megatron_speed.bridge.weights import export_hf_weights, load_hf_weights
+from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig
+
+_split = split_rows  # kept for callers of the fixed-size split (tests, workers)
+__all__ = ["MegatronActor", "MicroBatch", "TrainingDiverged"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm is not finite; the step is refused before any weight changes."""
 
 
-@dataclass(frozen=True)
-class MicroBatch:
-    tokens: torch.Tensor  # [b, S]
-    mask: torch.Tensor  # [b, S-1]
-    old_logprobs: torch.Tensor  # [b, S-1]
-    advantages: torch.Tensor  # [b, S-1]
-    ref_logprobs: torch.Tensor | None = None  # [b, S-1], only with a KL penalty
+def _ps() -> Any:
+    from megatron.core import parallel_state
+
+    return parallel_state
 
 
-def _split(size: int, tokens: torch.Tensor, *per_token: torch.Tensor | None) -> list[MicroBatch]:
-    """Cut row-aligned tensors into micro-batches of `size` rows (None stays None)."""
-    return [MicroBatch(tokens[i:i + size], *(t[i:i + size] if t is not None else None for t in per_token))
-            for i in range(0, tokens.shape[0], size)]
+def _check_layout(hf_config: Any, pp: int, vpp: int) -> None:
+    layers = hf_config.num_hidden_layers
+    if layers % (pp * vpp):
+        key, value = ("parallel.virtual_pipeline_parallel_size", vpp) if vpp > 1 else \
+            ("parallel.pipeline_parallel_size", pp)
+        raise ConfigError(key, value, f"pipeline_parallel_size ({pp}) x virtual_pipeline_parallel_size ({vpp}) "
+                          f"must divide the model's {layers} layers", "choose sizes whose product divides the layers")
 
 
 class MegatronActor:
-    """Owns the model chunk, its optimizer and LR schedule on this rank."""
+    """Owns the model chunk(s), the optimizer and the LR schedule on this rank."""
 
     def __init__(self, hf_path: str | Path, *, model_cfg: ModelConfig, optim_cfg: OptimConfig,
                  algorithm_cfg: AlgorithmConfig, temperature: float, horizon: int, total_steps: int,
                  tp: int = 1, pp: int = 1) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from transformers import AutoConfig
 
         self.hf_path = Path(hf_path)
         self.hf_config = AutoConfig.from_pretrained(self.hf_path)
         self.mapping = mapping_for(self.hf_config)
-        self.optim_cfg, self.algorithm_cfg, self.temperature = optim_cfg, algorithm_cfg, temperature
+        self.model_cfg, self.optim_cfg, self.algorithm_cfg = model_cfg, optim_cfg, algorithm_cfg
+        self.temperature = temperature
         self.horizon = horizon  # longest possible response, for seq-mean-token-sum-norm
-        dtype = torch.bfloat16 if model_cfg.params_dtype == "bfloat16" else torch.float32
+        self.tp, self.pp = tp, pp
+        self.vpp = _ps().get_virtual_pipeline_model_parallel_world_size() or 1
+        _check_layout(self.hf_config, pp, self.vpp)
+        self.dtype = torch.bfloat16 if model_cfg.params_dtype == "bfloat16" else torch.float32
         with cpu_megatron():
-            model = build_gpt_model(self.hf_config, params_dtype=dtype, tp=tp, pp=pp)
-            load_hf_weights(model, self.mapping, self.hf_path)
-            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                       use_distributed_optimizer=False,
-                                                       check_for_nan_in_grad=False)
-            self.model = DistributedDataParallel(model.config, ddp_config, model)
-            model.config.finalize_model_grads_func = finalize_model_grads
-            model.config.no_sync_func = self.model.no_sync
-            self.optimizer, self.scheduler = build_optimizer(self.model, optim_cfg, total_steps=total_steps,
-                                                             bf16=dtype == torch.bfloat16)
+            self.chunks = self._wrap_ddp(self._build_chunks())
+            self.optimizer, self.scheduler = build_optimizer(self.chunks, optim_cfg, total_steps=total_steps,
+                                                             bf16=self.dtype == torch.bfloat16)
             # The reference policy (frozen initial weights) exists only when a KL penalty needs it.
             self.reference = None
             if algorithm_cfg.kl_coef > 0:
-                self.reference = build_gpt_model(self.hf_config, params_dtype=dtype, tp=tp, pp=pp)
-                load_hf_weights(self.reference, self.mapping, self.hf_path)
-                self.reference.config.finalize_model_grads_func = None
-                self.reference.requires_grad_(False)
+                self.reference = self._build_chunks()
+                for chunk in self.reference:
+                    chunk.config.finalize_model_grads_func = None
+                    chunk.requires_grad_(False)
         self.version = 0
+
+    def _build_chunks(self) -> list[torch.nn.Module]:
+        """This stage's model chunk(s) (VPP: one per virtual stage), loaded from the HF checkpoint."""
+        kwargs = dict(params_dtype=self.dtype, tp=self.tp, pp=self.pp,
+                      attention_backend=self.model_cfg.attention_backend, recompute=self.model_cfg.recompute)
+        if self.vpp == 1:
+            chunks = [build_gpt_model(self.hf_config, **kwargs)]
+        else:
+            chunks = [build_gpt_model(self.hf_config, vp_stage=i, **kwargs) for i in range(self.vpp)]
+        for chunk in chunks:
+            # Stages exchange activation shapes first, so micro-batches may vary in rows and length.
+            chunk.config.variable_seq_lengths = self.pp > 1
+        load_hf_weights(chunks, self.mapping, self.hf_path)
+        return chunks
+
+    def _wrap_ddp(self, chunks: list[torch.nn.Module]) -> list[Any]:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, check_for_nan_in_grad=False,
+            use_distributed_optimizer=self.optim_cfg.use_distributed_optimizer)
+        wrapped = [DistributedDataParallel(c.config, ddp_config, c, disable_bucketing=i > 0)
+                   for i, c in enumerate(chunks)]
+        config = chunks[0].config  # the schedule reads the first chunk's config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+        return wrapped
+
+    @property
+    def model(self) -> Any:
+        """The DDP-wrapped first chunk (the only one unless virtual pipeline stages are on)."""
+        return self.chunks[0]
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.model.module
+        return self.chunks[0].module
+
+    # --- rows: data-parallel share and micro-batches ----------------------------------------------
+    def _local_rows(self, rows: int) -> slice:
+        """This data-parallel rank's contiguous, equal share of `rows` rows."""
+        ps = _ps()
+        size, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        if rows % size:
+            raise ValueError(f"a batch of {rows} rows does not split evenly over {size} data-parallel ranks; make "
+                             "the rollout batch and optim.mini_batch_size multiples of the data-parallel size")
+        share = rows // size
+        return slice(rank * share, (rank + 1) * share)
+
+    def _micro_batches(self, tokens: torch.Tensor, length_mask: torch.Tensor | None,
+                       *per_token: torch.Tensor | None) -> list[MicroBatch]:
+        """Fixed or token-budget micro-batches (see batching.py); `length_mask` decides row lengths."""
+        cfg = self.optim_cfg
+        lengths = row_lengths(length_mask, tokens.shape[1], tokens.shape[0])
+        groups = plan(lengths, rows_per_micro_batch=cfg.micro_batch_size, token_budget=cfg.micro_batch_tokens,
+                      min_micro_batches=self.pp if self.vpp > 1 else 1)
+        return cut(groups, lengths, tokens, *per_token, trim=cfg.micro_batch_tokens > 0)
 
     # --- forward/backward through megatron's schedule -------------------------------------------
     def _forward_step(self, data_iterator: Iterator[MicroBatch], model: Any, *, train: bool) -> Any:
@@ -116,50 +180,92 @@ class MegatronActor:
                                                       "loss_den": denominator.detach().float(), **stats}
 
     def _run_schedule(self, micro_batches: list[MicroBatch], *, train: bool,
-                      model: torch.nn.Module | None = None) -> list[dict[str, Any]]:
+                      model: Any = None) -> list[dict[str, Any]]:
+        """Megatron's schedule over this rank's micro-batches; the outputs exist on the last stage only."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        chunks = model if isinstance(model, list) else [model] if model is not None else self.chunks
+        data = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
         return get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, train=train),
-            data_iterator=iter(micro_batches), model=[model or self.model], num_microbatches=len(micro_batches),
-            seq_length=micro_batches[0].tokens.shape[1], micro_batch_size=micro_batches[0].tokens.shape[0],
-            forward_only=not train)
+            forward_step_func=partial(self._forward_step, train=train), data_iterator=data, model=chunks,
+            num_microbatches=len(micro_batches), seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches), forward_only=not train)
 
     @torch.no_grad()
-    def compute_logprobs(self, tokens: torch.Tensor, *, reference: bool = False) -> torch.Tensor:
-        """Log-probs [N, S-1] of each next token under the current (or the reference) weights."""
-        zeros = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, device=tokens.device)
-        mbs = _split(self.optim_cfg.micro_batch_size, tokens, zeros, zeros, zeros)
-        model = self.reference if reference else self.model
-        model.eval()
+    def compute_logprobs(self, tokens: torch.Tensor, *, reference: bool = False,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probs [N, S-1] of each next token under the current (or the reference) weights.
+
+        `mask` (optional, [N, S-1]) lets dynamic batching trim rows after their last masked token; the
+        log-probs past it are then 0."""
+        ps = _ps()
+        rows = self._local_rows(tokens.shape[0])
+        local_mask = mask[rows] if mask is not None else None
+        zeros = torch.zeros(rows.stop - rows.start, tokens.shape[1] - 1)
+        mbs = self._micro_batches(tokens[rows], local_mask, zeros, zeros, zeros)
+        chunks = self.reference if reference else self.chunks
+        for chunk in chunks:
+            chunk.eval()
         with cpu_megatron():
-            out = self._run_schedule(mbs, train=False, model=model)
-        return torch.cat([o["logprobs"] for o in out], dim=0)
+            out = self._run_schedule(mbs, train=False, model=chunks)
+        local = scatter_rows([(mb.rows, o["logprobs"]) for mb, o in zip(mbs, out)], zeros.shape[0],
+                             tokens.shape[1] - 1)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(local, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        if ps.get_data_parallel_world_size() == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(ps.get_data_parallel_world_size())]
+        dist.all_gather(parts, local, group=ps.get_data_parallel_group())
+        return torch.cat(parts, dim=0)
 
     def train_step(self, tokens: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor,
                    token_advantages: torch.Tensor) -> dict[str, float]:
-        """One RL step: optimizer updates over mini-batches of `optim.mini_batch_size` trajectories."""
+        """One RL step: optimizer updates over mini-batches of `optim.mini_batch_size` trajectories
+        (of the full batch; each data-parallel rank trains on its share of every mini-batch)."""
         stats: dict[str, float] = {}
         size = self.optim_cfg.mini_batch_size
-        ref = self.compute_logprobs(tokens, reference=True) if self.reference is not None else None
-        self.model.train()
+        ref = self.compute_logprobs(tokens, reference=True, mask=mask) if self.reference is not None else None
+        for chunk in self.chunks:
+            chunk.train()
         for start in range(0, tokens.shape[0], size):
-            sl = slice(start, start + size)
-            mbs = _split(self.optim_cfg.micro_batch_size, tokens[sl], mask[sl], old_logprobs[sl],
-                         token_advantages[sl], ref[sl] if ref is not None else None)
+            end = min(start + size, tokens.shape[0])
+            local = self._local_rows(end - start)
+            rows = slice(start + local.start, start + local.stop)
+            mbs = self._micro_batches(tokens[rows], mask[rows], mask[rows], old_logprobs[rows], token_advantages[rows],
+                                      ref[rows] if ref is not None else None)
             for key, value in self._optimizer_step(mbs).items():
                 stats[key] = stats.get(key, 0.0) + value
         updates = math.ceil(tokens.shape[0] / size)
         self.version += 1
         return {k: (v / updates if k in ("loss", "grad_norm", "lr") else v) for k, v in stats.items()}
 
+    def _global_sums(self, out: list[dict[str, Any]]) -> dict[str, float]:
+        """Loss statistics summed over micro-batches (last stage) and data-parallel ranks, then
+        broadcast over the pipeline group, so every rank returns the same numbers."""
+        ps = _ps()
+        sums: dict[str, float] | None = None
+        if ps.is_pipeline_last_stage():
+            keys = sorted(out[0])
+            values = torch.stack([sum(o[k].detach().float() for o in out) for k in keys])
+            if ps.get_data_parallel_world_size() > 1:
+                dist.all_reduce(values, group=ps.get_data_parallel_group())
+            sums = dict(zip(keys, values.tolist()))
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            box = [sums]
+            dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                       group=ps.get_pipeline_model_parallel_group())
+            sums = box[0]
+        assert sums is not None
+        return sums
+
     def _optimizer_step(self, mbs: list[MicroBatch]) -> dict[str, float]:
         with cpu_megatron():
-            self.model.zero_grad_buffer()
+            for chunk in self.chunks:
+                chunk.zero_grad_buffer()
             self.optimizer.zero_grad()
-            out = self._run_schedule(mbs, train=True)
-            sums = {k: float(sum(o[k] for o in out)) for k in out[0]}
-            if not math.isfinite(sums["loss_num"]):
+            sums = self._global_sums(self._run_schedule(mbs, train=True))
+            if not math.isfinite(sums["loss_num"]):  # global, so every rank refuses together
                 raise TrainingDiverged(f"loss is {sums['loss_num']} at actor step {self.version}: refusing the "
                                        "update; lower optim.lr or check the rewards for NaN")
             _, grad_norm, _ = self.optimizer.step()
@@ -173,4 +279,4 @@ class MegatronActor:
     # --- weights out ------------------------------------------------------------------------------
     def export_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream the policy as HF-named full tensors (collective: every rank iterates it to the end)."""
-        return export_hf_weights(self.model, self.mapping)
+        return export_hf_weights(self.chunks, self.mapping)

@@ -1,4 +1,6 @@
-"""Optimizer and LR schedule from `megatron.core.optimizer` (Adam; distributed optimizer later)."""
+"""Optimizer and LR schedule from `megatron.core.optimizer`: Adam, optionally megatron's distributed
+optimizer (ZeRO-1: fp32 master weights and Adam moments sharded over data parallelism, parameters
+all-gathered after each step). The DDP wrappers must be built with the same `use_distributed_optimizer`."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ from typing import Any
 from megatron_speed.config.schema import OptimConfig
 
 
-def build_optimizer(model: Any, cfg: OptimConfig, *, total_steps: int, bf16: bool) -> tuple[Any, Any]:
-    """Megatron's Adam over the DDP-wrapped model chunk, and a warm-up + cosine-to-min_lr schedule.
+def build_optimizer(model: Any | list[Any], cfg: OptimConfig, *, total_steps: int, bf16: bool) -> tuple[Any, Any]:
+    """Megatron's Adam over the DDP-wrapped model chunk(s), and a warm-up + cosine-to-min_lr schedule.
 
     The schedule advances once per optimizer step; `total_steps` counts optimizer steps.
     """
@@ -19,8 +21,8 @@ def build_optimizer(model: Any, cfg: OptimConfig, *, total_steps: int, bf16: boo
     config = OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad, bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=False)
-    optimizer = get_megatron_optimizer(config, [model])
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=cfg.use_distributed_optimizer)
+    optimizer = get_megatron_optimizer(config, model if isinstance(model, list) else [model])
     decay_style = "constant" if cfg.min_lr == cfg.lr else "cosine"
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if cfg.lr_warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,

@@ -121,12 +121,19 @@ class ModelConfig(Section):
 class ParallelConfig(Section):
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    virtual_pipeline_parallel_size: int = 1  # model chunks per pipeline stage (interleaved schedule); 1 = off
 
     def check(self) -> None:
         require(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size,
                 "must be >= 1", "use 1 for no tensor parallelism")
         require(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", self.pipeline_parallel_size,
                 "must be >= 1", "use 1 for no pipeline parallelism")
+        require(self.virtual_pipeline_parallel_size >= 1, "virtual_pipeline_parallel_size",
+                self.virtual_pipeline_parallel_size, "must be >= 1", "use 1 for no virtual pipeline stages")
+        require(self.virtual_pipeline_parallel_size == 1 or self.pipeline_parallel_size > 1,
+                "virtual_pipeline_parallel_size", self.virtual_pipeline_parallel_size,
+                "needs pipeline parallelism (parallel.pipeline_parallel_size > 1)",
+                "set parallel.pipeline_parallel_size >= 2 or parallel.virtual_pipeline_parallel_size=1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -264,8 +271,12 @@ class OptimConfig(Section):
     clip_grad: float = 1.0
     mini_batch_size: int = 256  # trajectories per optimizer step
     micro_batch_size: int = 64  # trajectories per forward/backward
+    micro_batch_tokens: int = 0  # dynamic batching: rows x padded length per micro-batch; 0 = micro_batch_size rows
+    use_distributed_optimizer: bool = False  # megatron's ZeRO-1: optimizer state sharded over data parallelism
 
     def check(self) -> None:
+        require(self.micro_batch_tokens >= 0, "micro_batch_tokens", self.micro_batch_tokens, "must be >= 0",
+                "use 0 for fixed micro_batch_size rows, or a token budget such as 8192")
         require(self.lr > 0, "lr", self.lr, "must be > 0", "use e.g. 1e-6 at scale, 1e-4 on the toy")
         require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]",
                 "set optim.min_lr <= optim.lr")

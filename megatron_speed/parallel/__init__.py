@@ -29,6 +29,7 @@ class ParallelDims:
     pp: int
     dp: int
     backend: str
+    vpp: int = 1  # virtual pipeline chunks per stage
 
     @property
     def is_main(self) -> bool:
@@ -65,12 +66,28 @@ def init_parallel(cfg: ParallelConfig, *, seed: int) -> ParallelDims:
                           f"x pipeline_parallel_size ({cfg.pipeline_parallel_size}) must divide the "
                           f"world size ({world})", "change the parallel sizes or the number of processes")
     with cpu_megatron():
+        if parallel_state.model_parallel_is_initialized() and _layout() != _wanted(cfg):
+            parallel_state.destroy_model_parallel()  # a different layout in the same world: rebuild the groups
         if not parallel_state.model_parallel_is_initialized():
-            parallel_state.initialize_model_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+            vpp = cfg.virtual_pipeline_parallel_size
+            parallel_state.initialize_model_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size,
+                                                     virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
         model_parallel_cuda_manual_seed(seed)
     return ParallelDims(world_size=world, rank=dist.get_rank(),
                         local_rank=int(os.environ.get("LOCAL_RANK", 0)), tp=cfg.tensor_parallel_size,
-                        pp=cfg.pipeline_parallel_size, dp=world // model_parallel, backend=backend)
+                        pp=cfg.pipeline_parallel_size, dp=world // model_parallel, backend=backend,
+                        vpp=cfg.virtual_pipeline_parallel_size)
+
+
+def _layout() -> tuple[int, int, int]:
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_virtual_pipeline_model_parallel_world_size() or 1)
+
+
+def _wanted(cfg: ParallelConfig) -> tuple[int, int, int]:
+    return cfg.tensor_parallel_size, cfg.pipeline_parallel_size, cfg.virtual_pipeline_parallel_size
 
 
 def destroy_parallel() -> None:
