@@ -1,29 +1,149 @@
-"""Build a megatron-core GPTModel from an HF config (qwen2 family; more families register here).
+"""Build a megatron-core GPTModel from an HF config: qwen2, llama and qwen3 decoders.
 
-The local layer spec is used (TransformerEngine is optional and absent on CPU). Weights are loaded
-separately through the bridge, so the model is built with random init and then overwritten.
+What differs between the families is declared in `ARCHITECTURES` (QKV bias, per-head q/k RMSNorm);
+everything else (RoPE, RMSNorm, SwiGLU, grouped-query attention, tied or untied embeddings) is
+shared. Weights are loaded separately through the bridge, so the model is built with random init and
+then overwritten.
+
+Layer spec (`model.attention_backend`): TransformerEngine's spec when "te" (or "auto" and TE
+imports); otherwise megatron's local spec, whose core attention is either our SDPA module ("sdpa",
+`actor/attention.py`) or megatron's unfused `DotProductAttention` ("local").
+
+RoPE: megatron's `RotaryEmbedding` computes plain inverse frequencies, and its Llama-3 scaling
+hard-codes low_freq_factor=1, high_freq_factor=4 and original_max_position_embeddings=8192. HF
+configs carry their own values, so for any scaled `rope_type` we take the inverse frequencies from
+transformers' own `ROPE_INIT_FUNCTIONS` (the formula the HF model runs) and install them on the
+rotary module, in `_install_hf_rope` and nowhere else. Types that also rescale attention (yarn,
+longrope) or change with the sequence length (dynamic) are rejected.
+
+Deliberately left out: sliding-window attention, biases outside QKV (llama/qwen3 `attention_bias`,
+`mlp_bias`), MoE, vocabularies that TP does not divide (megatron would pad them; the bridge would not).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from megatron_speed.config.base import ConfigError
+
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
+ATTENTION_BACKENDS = ("auto", "sdpa", "local", "te")
+RECOMPUTE = {  # model.recompute -> megatron TransformerConfig fields
+    "none": {},
+    "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
+STATIC_ROPE_TYPES = ("default", "linear", "llama3")  # inverse frequencies only, no attention rescale
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What one HF `model_type` needs from megatron beyond the shared decoder."""
+
+    qkv_bias: bool
+    qk_layernorm: bool
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "qwen2": Architecture(qkv_bias=True, qk_layernorm=False),
+    "llama": Architecture(qkv_bias=False, qk_layernorm=False),
+    "qwen3": Architecture(qkv_bias=False, qk_layernorm=True),
+}
+
+
+def architecture(hf_config: Any) -> Architecture:
+    """The family facts of `hf_config`; ValueError for anything this builder cannot reproduce exactly."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"unsupported architecture model_type={model_type!r}; supported: "
+                         f"{', '.join(sorted(ARCHITECTURES))}")
+    problems = []
+    if hf_config.hidden_act not in ACTIVATIONS:
+        problems.append(f"hidden_act={hf_config.hidden_act!r} (supported: {', '.join(ACTIVATIONS)})")
+    for flag in ("use_sliding_window", "attention_bias", "mlp_bias"):
+        if getattr(hf_config, flag, False):
+            problems.append(f"{flag}=True")
+    if rope_type(hf_config) not in STATIC_ROPE_TYPES:
+        problems.append(f"rope_type={rope_type(hf_config)!r} (supported: {', '.join(STATIC_ROPE_TYPES)})")
+    if problems:
+        raise ValueError(f"{model_type} config not supported: {'; '.join(problems)}")
+    return ARCHITECTURES[model_type]
+
+
+def rope_parameters(hf_config: Any) -> dict[str, Any]:
+    return dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+
+
+def rope_type(hf_config: Any) -> str:
+    params = rope_parameters(hf_config)
+    return str(params.get("rope_type") or params.get("type") or "default")
 
 
 def rope_theta(hf_config: Any) -> float:
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0)
+    return float(rope_parameters(hf_config).get("rope_theta") or getattr(hf_config, "rope_theta", None)
+                 or 10000.0)
 
 
-def transformer_config_from_hf(hf_config: Any, *, params_dtype: torch.dtype, tp: int = 1,
-                               pp: int = 1) -> Any:
-    """The megatron-core TransformerConfig equivalent to an HF decoder config."""
+def head_dim(hf_config: Any) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def check_tensor_parallel(hf_config: Any, tp: int) -> None:
+    """Megatron splits heads, query groups and the vocabulary evenly across TP ranks."""
+    sizes = {"num_attention_heads": hf_config.num_attention_heads,
+             "num_key_value_heads": getattr(hf_config, "num_key_value_heads", None) or
+             hf_config.num_attention_heads, "vocab_size": hf_config.vocab_size}
+    bad = [f"{k}={v}" for k, v in sizes.items() if v % tp]
+    if bad:
+        divisors = [d for d in range(1, max(sizes.values()) + 1) if all(v % d == 0 for v in sizes.values())]
+        raise ConfigError("parallel.tensor_parallel_size", tp, f"must divide the model's {', '.join(bad)}",
+                          f"use one of {divisors}")
+
+
+def resolve_attention_backend(backend: str) -> str:
+    """"auto" -> "te" when transformer_engine imports, else "sdpa"; "te" without TE is an error."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ConfigError("model.attention_backend", backend, f"must be one of {', '.join(ATTENTION_BACKENDS)}",
+                          "use 'auto' (TE if installed, else SDPA)")
+    if backend not in ("auto", "te"):
+        return backend
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception as err:  # ImportError, or TE present but its CUDA libraries are not
+        if backend == "te":
+            raise ConfigError("model.attention_backend", backend, f"needs transformer_engine ({err})",
+                              "install TransformerEngine or use 'sdpa'") from None
+        return "sdpa"
+    return "te"
+
+
+def layer_spec(backend: str, *, qk_layernorm: bool) -> Any:
+    """The transformer-layer ModuleSpec for a resolved backend ("te" | "sdpa" | "local")."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if backend == "te":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    if backend == "sdpa":
+        from megatron_speed.actor.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def transformer_config_from_hf(hf_config: Any, *, params_dtype: torch.dtype, tp: int = 1, pp: int = 1,
+                               recompute: str = "none", vpp: int | None = None) -> Any:
+    """The megatron-core TransformerConfig equivalent to an HF decoder config (`vpp`: virtual stages)."""
     from megatron.core.transformer import TransformerConfig
 
+    arch = architecture(hf_config)
+    if recompute not in RECOMPUTE:
+        raise ConfigError("model.recompute", recompute, f"must be one of {', '.join(RECOMPUTE)}",
+                          "use 'none', 'selective' (core attention) or 'full' (whole layers)")
     heads = hf_config.num_attention_heads
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
@@ -31,14 +151,15 @@ def transformer_config_from_hf(hf_config: Any, *, params_dtype: torch.dtype, tp:
         hidden_size=hf_config.hidden_size,
         num_attention_heads=heads,
         num_query_groups=getattr(hf_config, "num_key_value_heads", None) or heads,
-        kv_channels=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+        kv_channels=head_dim(hf_config),
         ffn_hidden_size=hf_config.intermediate_size,
         normalization="RMSNorm",
         layernorm_epsilon=hf_config.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=ACTIVATIONS[hf_config.hidden_act],
         add_bias_linear=False,
-        add_qkv_bias=hf_config.model_type == "qwen2",
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_activation_fusion=False,
@@ -49,31 +170,55 @@ def transformer_config_from_hf(hf_config: Any, *, params_dtype: torch.dtype, tp:
         gradient_accumulation_fusion=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         pipeline_dtype=params_dtype,
         use_cpu_initialization=not on_gpu,
         calculate_per_token_loss=True,  # the loss returns a token SUM; megatron divides by the global count
+        **RECOMPUTE[recompute],
     )
 
 
-def build_gpt_model(hf_config: Any, *, params_dtype: torch.dtype, tp: int = 1, pp: int = 1) -> Any:
-    """A GPTModel for this rank's pipeline stage, matching the HF architecture."""
+def _install_hf_rope(model: Any, hf_config: Any) -> None:
+    """Replace megatron's inverse frequencies by HF's for a scaled rope_type (see module docstring)."""
+    kind = rope_type(hf_config)
+    if kind == "default":
+        return  # megatron's formula with rotary_base = rope_theta is HF's
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rotary = model.rotary_pos_emb
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[kind](hf_config, "cpu")
+    if attention_scaling != 1.0 or inv_freq.shape != rotary.inv_freq.shape:
+        raise ValueError(f"rope_type={kind!r} gives attention_scaling={attention_scaling} and {tuple(inv_freq.shape)} "
+                         f"frequencies; megatron expects 1.0 and {tuple(rotary.inv_freq.shape)}")
+    rotary.inv_freq = inv_freq.to(device=rotary.inv_freq.device, dtype=rotary.inv_freq.dtype)
+
+
+def build_gpt_model(hf_config: Any, *, params_dtype: torch.dtype, tp: int = 1, pp: int = 1,
+                    attention_backend: str = "auto", recompute: str = "none", vp_stage: int | None = None) -> Any:
+    """A GPTModel for this rank's pipeline stage (and virtual stage `vp_stage` when megatron's
+    parallel_state was initialised with virtual pipeline stages), matching the HF architecture."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    if hf_config.model_type not in ("qwen2",):
-        raise ValueError(f"unsupported architecture model_type={hf_config.model_type!r} (supported: qwen2)")
-    config = transformer_config_from_hf(hf_config, params_dtype=params_dtype, tp=tp, pp=pp)
-    return GPTModel(
+    arch = architecture(hf_config)
+    check_tensor_parallel(hf_config, tp)
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    config = transformer_config_from_hf(hf_config, params_dtype=params_dtype, tp=tp, pp=pp, recompute=recompute,
+                                        vpp=vpp)
+    model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(),
+        transformer_layer_spec=layer_spec(resolve_attention_backend(attention_backend),
+                                          qk_layernorm=arch.qk_layernorm),
         vocab_size=hf_config.vocab_size,
         max_sequence_length=hf_config.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
         position_embedding_type="rope",
-        rotary_base=int(rope_theta(hf_config)),
+        rotary_base=rope_theta(hf_config),
+        vp_stage=vp_stage,
     )
+    _install_hf_rope(model, hf_config)
+    return model

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_speed.bridge import qwen2
+from megatron_speed.bridge import llama, qwen2, qwen3
 from megatron_speed.bridge.mapping import FamilyMapping, HeadLayout, Rule, merge_qkv, split_qkv
 
-FAMILIES: dict[str, tuple[Rule, ...]] = {"qwen2": qwen2.RULES}
+# model_type -> rules. qwen2 gains the TransformerEngine names of its norms from llama.TE_NORM_RULES.
+FAMILIES: dict[str, tuple[Rule, ...]] = {
+    "qwen2": qwen2.RULES + llama.TE_NORM_RULES,
+    "llama": llama.RULES,
+    "qwen3": qwen3.RULES,
+}
 
 
 def mapping_for(hf_config: Any) -> FamilyMapping:

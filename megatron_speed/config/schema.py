@@ -104,6 +104,11 @@ class ModelConfig(Section):
     toy_kv_heads: int = 2  # < toy_heads: the toy exercises grouped-query attention in the bridge
     toy_ffn_hidden_size: int = 512
     toy_max_position_embeddings: int = 64
+    # Core attention: "auto" = TransformerEngine when it imports, else "sdpa" (torch
+    # scaled_dot_product_attention); "local" = megatron's unfused DotProductAttention; "te" insists on TE.
+    attention_backend: Literal["auto", "sdpa", "local", "te"] = "auto"
+    # Activation recomputation: "selective" recomputes core attention, "full" every transformer layer.
+    recompute: Literal["none", "selective", "full"] = "none"
     warmup: WarmupConfig = dataclasses.field(default_factory=WarmupConfig)
 
     def check(self) -> None:
