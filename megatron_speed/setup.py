@@ -23,6 +23,7 @@ from megatron_speed.parallel import ParallelDims, init_parallel
 from megatron_speed.records import PromptRecord
 from megatron_speed.rewards import RewardPool
 from megatron_speed.rollout.engine import VLLMEngine
+from megatron_speed.rollout.replicas import ReplicaLayout
 
 log = logging.getLogger("megatron_speed")
 
@@ -41,6 +42,11 @@ class Components:
     eval_records: list[PromptRecord]
     pad_id: int
     data_metrics: dict[str, float]
+
+    @property
+    def replicas(self) -> ReplicaLayout:
+        """This rank's engine replica: world / rollout.tensor_parallel_size replicas serve prompts."""
+        return ReplicaLayout(self.dims.world_size, self.dims.rank, self.cfg.rollout.tensor_parallel_size)
 
     @property
     def device(self) -> torch.device:
@@ -132,8 +138,10 @@ def build(cfg: Config) -> Components:
     counts: dict[str, float] = {}
     train = read_split(train_files, cfg, tokenizer, max_prompt_tokens=limit, name="train", counts=counts)
     held_out = read_split(eval_files, cfg, tokenizer, max_prompt_tokens=limit, name="heldout", counts=counts)
+    # The TP ranks of one engine replica must sample alike (same seed); replicas differ.
+    replicas = ReplicaLayout(dims.world_size, dims.rank, cfg.rollout.tensor_parallel_size)
     engine = VLLMEngine(hf_path, cfg.rollout, max_model_len=max_len, world_size=dims.world_size,
-                        seed=cfg.rollout.seed + dims.rank)
+                        seed=cfg.rollout.seed + replicas.replica, rank=replicas.replica)
     actor = MegatronActor(hf_path, model_cfg=cfg.model, optim_cfg=cfg.optim, algorithm_cfg=cfg.algorithm,
                           temperature=cfg.rollout.temperature, horizon=cfg.rollout.max_new_tokens,
                           total_steps=cfg.run.steps * cfg.trajectories_per_step // cfg.optim.mini_batch_size,

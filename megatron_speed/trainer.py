@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_speed.algorithms import ESTIMATORS, broadcast_to_tokens, js_shrinkage, overlong_penalty
+from megatron_speed.algorithms.losses import truncated_is_weights
 from megatron_speed.config.schema import AlgorithmConfig
 from megatron_speed.curriculum.batch import build_train_batch
 from megatron_speed.evaluate import heldout_accuracy
@@ -22,6 +23,8 @@ from megatron_speed.metrics import PhaseTimer
 from megatron_speed.metrics.summary import rollout_metrics, train_metrics
 from megatron_speed.records import RolloutGroup, TrainBatch
 from megatron_speed.rewards.scoring import score_groups
+from megatron_speed.rollout.buckets import RefitStats
+from megatron_speed.rollout.replicas import score_and_gather
 from megatron_speed.setup import Components
 
 
@@ -55,10 +58,11 @@ class Trainer:
         p.logger.log(0, {"eval/accuracy": warm, **p.data_metrics})
         step, groups, faults = 0, [], Counter()
         while step < cfg.run.steps and not self._out_of_time():
-            with self.timer("generate"):
-                call = p.engine.generate(p.curriculum.plan(), policy_version=p.actor.version)
-            with self.timer("score"):
-                faults.update(score_groups(p.rewards, call))
+            with self.timer("generate"):  # this engine replica's share of the call (all of it on one rank)
+                mine = p.engine.generate(p.replicas.local(p.curriculum.plan()), policy_version=p.actor.version)
+            with self.timer("score"):  # each replica grades its share once; every rank then gets all groups
+                call, call_faults = score_and_gather(p.replicas, mine, lambda g: score_groups(p.rewards, g))
+            faults.update(call_faults)
             groups += call  # everything generated for this step, over one or more calls
             train_groups = p.curriculum.update(call)
             if train_groups is None:
@@ -67,10 +71,11 @@ class Trainer:
             batch = build_train_batch(train_groups, pad_id=p.pad_id).to(p.device)
             with self.timer("advantages"):
                 advantages, adv_stats = compute_advantages(batch, cfg.algorithm, horizon=cfg.rollout.max_new_tokens)
+            p.engine.sleep()  # free the KV cache and weights while the actor trains (a no-op call on CPU)
             with self.timer("train"):
                 stats = {**self.train_step(batch, advantages), **adv_stats}
             with self.timer("refit"):
-                p.engine.update_weights(p.actor.export_hf_weights())
+                stats.update(self.refit().metrics())
             self.log(step, groups, train_groups, batch, stats, dict(faults))
             groups, faults = [], Counter()
         final = self.curve[-1][1] if self.last_eval_step == step else self.evaluate()
@@ -82,11 +87,22 @@ class Trainer:
 
     def train_step(self, batch: TrainBatch, token_adv: torch.Tensor) -> dict[str, float]:
         """Recompute old log-probs with the actor, then PPO-clip updates over the batch."""
-        actor = self.parts.actor
+        actor, cap = self.parts.actor, self.cfg.algorithm.tis_cap
         old_logprobs = actor.compute_logprobs(batch.tokens)
-        stats = actor.train_step(batch.tokens, batch.response_mask, old_logprobs, token_adv)
-        stats.update(_mismatch(old_logprobs, batch.rollout_logprobs, batch.response_mask))
+        stats = _mismatch(old_logprobs, batch.rollout_logprobs, batch.response_mask)
+        if cap:
+            token_adv, tis_stats = tis_advantages(token_adv, old_logprobs, batch, cap=cap)
+            stats.update(tis_stats)
+        stats.update(actor.train_step(batch.tokens, batch.response_mask, old_logprobs, token_adv))
         return stats
+
+    def refit(self) -> RefitStats:
+        """Weights back, the new policy loaded in buckets, then the KV cache (vLLM's level-2 wake order)."""
+        engine = self.parts.engine
+        engine.wake_up(["weights"])
+        refit = engine.update_weights(self.parts.actor.export_hf_weights())
+        engine.wake_up(["kv_cache"])
+        return refit
 
     def evaluate(self) -> float:
         """Greedy held-out accuracy; its time is excluded from the accuracy-vs-time curve."""
@@ -143,6 +159,17 @@ def compute_advantages(batch: TrainBatch, cfg: AlgorithmConfig, *, horizon: int)
     n = batch.response_mask.sum().clamp(min=1)
     stats["advantage/token_abs_mean"] = float(token_adv.abs().sum() / n)
     return token_adv, stats
+
+
+def tis_advantages(token_adv: torch.Tensor, old_logprobs: torch.Tensor, batch: TrainBatch, *,
+                   cap: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated importance sampling: the TIS weight on each token's policy-gradient loss, applied as
+    the same weight on its advantage (identical loss and clip decisions, see `truncated_is_weights`),
+    so the actor's loss needs no extra input."""
+    weights, tis = truncated_is_weights(old_logprobs, batch.rollout_logprobs, batch.response_mask, cap=cap)
+    n = float(batch.response_mask.sum().clamp(min=1))
+    return token_adv * weights, {"mismatch/tis_clipped_fraction": float(tis["tis_clipped_tokens"]) / n,
+                                 "mismatch/tis_weight_mean": float(tis["tis_weight_sum"]) / n}
 
 
 def _mismatch(actor_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

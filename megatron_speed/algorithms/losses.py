@@ -96,6 +96,31 @@ def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, ma
     return numerator, denominator, stats
 
 
+def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *,
+                         cap: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance-sampling weights [B, T] for samples drawn by the rollout engine.
+
+    w_t = min(exp(old_t - rollout_t), cap), detached, 0 off the mask: `old` is the actor's log-prob
+    of the sampled token before the update, `rollout` the engine's (same weights, different
+    kernels/precision). As in verl's and slime's TIS, w multiplies the per-token policy-gradient
+    loss only (not KL or entropy terms), correcting the PPO objective for sampling from the
+    engine's distribution instead of the actor's. Because w >= 0 is a constant per token,
+    w * max(-A ρ, -A clip(ρ)) = max(-(wA) ρ, -(wA) clip(ρ)) (and the dual-clip min likewise), so
+    the trainer applies it by scaling the token advantages -- same loss, same clip decisions.
+
+    Stats (detached sums over masked tokens): `tis_weight_sum`, `tis_clipped_tokens` (w hit the cap).
+    """
+    _check_shapes(old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs, mask=mask)
+    if not cap >= 1.0:
+        raise ValueError(f"TIS cap must be >= 1 (a cap below 1 down-weights every on-policy token), got {cap}")
+    on = mask > 0
+    with torch.no_grad():
+        raw = torch.exp(_masked_log_ratio(old_logprobs.detach(), rollout_logprobs.detach(), on))
+        weights = torch.where(on, raw.clamp(max=cap), torch.zeros_like(raw))
+        stats = {"tis_weight_sum": weights.sum(), "tis_clipped_tokens": (on & (raw > cap)).sum().to(weights.dtype)}
+    return weights, stats
+
+
 def _k1(log_ratio: Tensor) -> Tensor:
     """log π - log π_ref: unbiased for KL(π || π_ref) under samples from π, can be negative."""
     return log_ratio
@@ -145,4 +170,4 @@ def policy_objective(per_token_pg_loss: Tensor, *, kl: Tensor | None = None, kl_
 
 
 __all__ = ["KL_ESTIMATORS", "LOG_RATIO_LIMIT", "LOSS_AGGREGATIONS", "aggregate_loss", "kl_penalty",
-           "policy_objective", "ppo_clip_loss", "ppo_clip_token_loss"]
+           "policy_objective", "ppo_clip_loss", "ppo_clip_token_loss", "truncated_is_weights"]

