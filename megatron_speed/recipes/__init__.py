@@ -9,9 +9,10 @@ from collections.abc import Callable
 
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import Config
+from megatron_speed.recipes.papers import PAPER_RECIPES
 from megatron_speed.recipes.toy import TOY_RECIPES, toy_cpu
 
-RECIPES: dict[str, Callable[[], Config]] = {**TOY_RECIPES}
+RECIPES: dict[str, Callable[[], Config]] = {**TOY_RECIPES, **PAPER_RECIPES}
 
 
 def get_recipe(name: str) -> Callable[[], Config]:
