@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_speed.actor.actor import MegatronActor
 from megatron_speed.checkpoint import save_hf_folder
+from megatron_speed.checkpoint.resume import checkpoint_step, keep_metrics_until, resolve_resume
 from megatron_speed.config.base import to_dict
 from megatron_speed.config.schema import Config
 from megatron_speed.curriculum.base import Curriculum, build_curriculum
@@ -42,6 +43,7 @@ class Components:
     eval_records: list[PromptRecord]
     pad_id: int
     data_metrics: dict[str, float]
+    resume_from: Path | None = None  # the checkpoint this run continues (run.resume), None = fresh start
 
     @property
     def replicas(self) -> ReplicaLayout:
@@ -124,8 +126,11 @@ def read_split(paths: tuple[str, ...], cfg: Config, tokenizer: Any, *, max_promp
 def build(cfg: Config) -> Components:
     dims = init_parallel(cfg.parallel, seed=cfg.run.seed)
     out_dir = Path(cfg.run.output_dir) / cfg.run.name
-    if dims.is_main:
+    resume_from = resolve_resume(cfg.run.resume, out_dir)
+    if dims.is_main and resume_from is None:
         clear_previous_run(out_dir)
+    elif dims.is_main:  # a resumed run appends to its logs, minus what it will redo
+        keep_metrics_until(out_dir / "metrics.jsonl", checkpoint_step(resume_from))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     hf_path = _on_main_first(dims, lambda: prepare_model(cfg))
@@ -154,5 +159,7 @@ def build(cfg: Config) -> Components:
         curriculum=build_curriculum(cfg.curriculum, sampler, n=cfg.rollout.n),
         logger=MetricsLogger(out_dir, tensorboard=cfg.metrics.tensorboard and dims.is_main,
                              progress_bar=cfg.metrics.progress_bar and dims.is_main,
-                             total_steps=cfg.run.steps + 1),
-        eval_records=held_out[:cfg.eval.max_prompts], pad_id=int(pad), data_metrics=counts)
+                             total_steps=cfg.run.steps + 1,
+                             purge_step=None if resume_from is None else checkpoint_step(resume_from) + 1),
+        eval_records=held_out[:cfg.eval.max_prompts], pad_id=int(pad), data_metrics=counts,
+        resume_from=resume_from)

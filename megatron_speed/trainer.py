@@ -10,11 +10,14 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from megatron_speed.algorithms import ESTIMATORS, broadcast_to_tokens, js_shrinkage, overlong_penalty
 from megatron_speed.algorithms.losses import truncated_is_weights
+from megatron_speed.checkpoint.resume import checkpoints_root, load_checkpoint, save_checkpoint
 from megatron_speed.config.schema import AlgorithmConfig
 from megatron_speed.curriculum.batch import build_train_batch
 from megatron_speed.evaluate import heldout_accuracy
@@ -50,14 +53,21 @@ class Trainer:
         self.started = 0.0
         self.last_eval_step = 0
         self.eval_seconds = 0.0  # excluded from the RL clock, as the papers' "pure training" time
+        self.warm = 0.0  # held-out accuracy before RL (restored on resume)
+        self.stop_step = parts.cfg.run.steps  # the last step this process runs (see fit's stop_after)
 
-    def fit(self) -> RunSummary:
+    def fit(self, stop_after: int | None = None) -> RunSummary:
+        """Train to `run.steps`; `stop_after` pauses this process after that many steps (a job's time
+        slice: a checkpoint is written at the pause when `run.save_every` is on, no final evaluation)."""
         p, cfg = self.parts, self.cfg
         self.started = time.perf_counter()
-        warm = self.evaluate()
-        p.logger.log(0, {"eval/accuracy": warm, **p.data_metrics})
-        step, groups, faults = 0, [], Counter()
-        while step < cfg.run.steps and not self._out_of_time():
+        step = self.resume(p.resume_from) if p.resume_from is not None else 0
+        if p.resume_from is None:
+            self.warm = self.evaluate()
+            p.logger.log(0, {"eval/accuracy": self.warm, **p.data_metrics})
+        warm, groups, faults = self.warm, [], Counter()
+        self.stop_step = cfg.run.steps if stop_after is None else min(cfg.run.steps, step + stop_after)
+        while step < self.stop_step and not self._out_of_time():
             with self.timer("generate"):  # this engine replica's share of the call (all of it on one rank)
                 mine = p.engine.generate(p.replicas.local(p.curriculum.plan()), policy_version=p.actor.version)
             with self.timer("score"):  # each replica grades its share once; every rank then gets all groups
@@ -77,7 +87,12 @@ class Trainer:
             with self.timer("refit"):
                 stats.update(self.refit().metrics())
             self.log(step, groups, train_groups, batch, stats, dict(faults))
+            self.maybe_save(step)
             groups, faults = [], Counter()
+        if step < cfg.run.steps and not self._out_of_time():  # paused by stop_after: the run is not over
+            return RunSummary(steps=step, seconds=self._rl_seconds(), eval_seconds=self.eval_seconds,
+                              warm_start_accuracy=warm, final_accuracy=self.curve[-1][1],
+                              accuracy_curve=list(self.curve))
         final = self.curve[-1][1] if self.last_eval_step == step else self.evaluate()
         if self.last_eval_step != step:
             p.logger.log(step, {"eval/accuracy": final})
@@ -125,6 +140,36 @@ class Trainer:
             self.parts.save_hf(f"step_{step:06d}")
         logger.log_histogram(step, "rollout/pass_rate", [g.pass_rate for g in train_groups])
         logger.log(step, scalars)
+
+    # --- checkpoint / resume (megatron_speed/checkpoint) ---------------------------------------------
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """Everything the next steps depend on besides the actor's weights and optimizer."""
+        p = self.parts
+        return {"step": step, "actor_version": p.actor.version, "engine_calls": p.engine.calls,
+                "curriculum": p.curriculum.state_dict(), "history": p.logger.history, "curve": self.curve,
+                "warm_start_accuracy": self.warm, "last_eval_step": self.last_eval_step,
+                "eval_seconds": self.eval_seconds, "rl_seconds": self._rl_seconds()}
+
+    def maybe_save(self, step: int) -> None:
+        every = self.cfg.run.save_every
+        if every and (step % every == 0 or step == self.stop_step):
+            p = self.parts
+            save_checkpoint(checkpoints_root(p.out_dir), step, actor=p.actor, hf_src=p.hf_path,
+                            trainer_state=self.state_dict(step), keep_last=self.cfg.run.keep_last,
+                            layout={"world_size": p.dims.world_size, "tp": p.dims.tp, "pp": p.dims.pp})
+
+    def resume(self, path: Path) -> int:
+        """Restore actor, engine weights, curriculum, RNG streams and logs from `path`; returns its step."""
+        p = self.parts
+        state = load_checkpoint(path, actor=p.actor, world_size=p.dims.world_size)
+        p.actor.version, p.engine.calls = state["actor_version"], state["engine_calls"]
+        p.curriculum.load_state_dict(state["curriculum"])
+        p.logger.history[:] = state["history"]
+        self.curve, self.warm = list(state["curve"]), state["warm_start_accuracy"]
+        self.last_eval_step, self.eval_seconds = state["last_eval_step"], state["eval_seconds"]
+        self.started = time.perf_counter() - state["rl_seconds"] - self.eval_seconds
+        self.refit()  # the fresh engine holds the initial weights
+        return int(state["step"])
 
     def _rl_seconds(self) -> float:
         return time.perf_counter() - self.started - self.eval_seconds

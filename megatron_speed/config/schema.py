@@ -20,6 +20,11 @@ class RunConfig(Section):
     steps: int = 100  # RL steps (optimizer updates happen inside each step)
     max_wall_seconds: float = 0.0  # 0 = no limit; otherwise stop after the first step past it
     save_hf_every: int = 0  # write an HF-format copy of the policy every K steps (0 = only at the end)
+    # Exact-resume checkpoints (model, optimizer, LR schedule, trainer state) under <run dir>/checkpoints.
+    save_every: int = 0  # write one every K steps; 0 = never
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted once a newer one is complete
+    resume: str = "auto"  # "auto": latest complete checkpoint of this run, if any | "": start fresh | a path
+
 
     def check(self) -> None:
         require(self.steps >= 1, "steps", self.steps, "must be >= 1", "set run.steps to a positive count")
@@ -27,6 +32,10 @@ class RunConfig(Section):
                 "use 0 for no limit")
         require(self.save_hf_every >= 0, "save_hf_every", self.save_hf_every, "must be >= 0",
                 "use 0 to save only at the end")
+        require(self.save_every >= 0, "save_every", self.save_every, "must be >= 0",
+                "use 0 to write no resumable checkpoints")
+        require(self.keep_last >= 1, "keep_last", self.keep_last, "must be >= 1",
+                "keep at least the newest checkpoint (set run.save_every=0 to write none)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

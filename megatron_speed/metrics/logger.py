@@ -28,7 +28,9 @@ class MetricsLogger:
     """Logs scalar dicts per step to memory, `metrics.jsonl`, TensorBoard and a tqdm bar."""
 
     def __init__(self, log_dir: Path, *, tensorboard: bool, progress_bar: bool, total_steps: int,
-                 postfix: Sequence[tuple[str, str]] = DEFAULT_POSTFIX) -> None:
+                 postfix: Sequence[tuple[str, str]] = DEFAULT_POSTFIX, purge_step: int | None = None) -> None:
+        """`purge_step`: a resumed run's first step; TensorBoard hides what an interrupted run logged
+        from that step on (the resumed run logs those steps again)."""
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.history: list[tuple[int, dict[str, float]]] = []
@@ -40,7 +42,7 @@ class MetricsLogger:
             # Imported here so a run with TensorBoard off never loads it.
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir))
+            self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=purge_step)
         self._bar = tqdm(total=total_steps, disable=not progress_bar, dynamic_ncols=True, unit="step")
 
     @property

@@ -1,0 +1,134 @@
+"""HF folder <-> megatron dist-checkpoint, at any TP/PP layout (what the tools/ converters run).
+
+`hf_to_megatron` builds this rank's GPTModel shard from the HF config, fills it through the
+bridge (`bridge/weights.py`) and saves it with dist-checkpointing, plus the HF config and
+tokenizer files so the reverse direction can rebuild the model without the source folder.
+`megatron_to_hf` rebuilds the model at the layout of the current process group, loads the
+checkpoint (dist-checkpointing reshards: a TP=2 checkpoint loads at TP=1), gathers full HF-named
+tensors and lets rank 0 write an HF folder. Trainer checkpoints have the same layout, so their
+model part converts too (the optimizer and trainer state are simply not read).
+
+Both are collective: every rank of a `tensor_parallel_size x pipeline_parallel_size` world calls
+them (the CLI initialises that world). Deliberately left out: data-parallel replicas (a converter
+needs one copy of the model), vocabulary padding, MoE.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_speed.actor.cpu_support import cpu_megatron
+from megatron_speed.checkpoint.hf import save_hf_folder
+from megatron_speed.checkpoint.layout import (
+    copy_hf_files,
+    is_complete,
+    latest_complete,
+    mark_complete,
+    read_meta,
+    write_meta,
+)
+from megatron_speed.checkpoint.megatron import load_megatron, save_megatron
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def check_layout(hf_config: Any, tp: int, pp: int) -> None:
+    """Refuse, with the numbers, a layout megatron would fail on deep inside model construction."""
+    from megatron_speed.actor.model import architecture
+
+    architecture(hf_config)  # ValueError naming the model_type / unsupported feature
+    sizes = {"num_attention_heads": hf_config.num_attention_heads,
+             "num_key_value_heads": getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+             "vocab_size": hf_config.vocab_size, "intermediate_size": hf_config.intermediate_size}
+    bad = [f"{k}={v}" for k, v in sizes.items() if v % tp]
+    if bad:
+        raise ValueError(f"--tp {tp} does not divide the model's {', '.join(bad)}: pick a --tp that divides them")
+    if hf_config.num_hidden_layers % pp:
+        raise ValueError(f"--pp {pp} does not divide num_hidden_layers={hf_config.num_hidden_layers}: pick a "
+                         "--pp that divides it")
+
+
+def _dtype(hf_config: Any) -> torch.dtype:
+    """Keep the source precision (bit-exact round trip); anything but bf16 is held in float32."""
+    name = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32")
+    return DTYPES.get(name.removeprefix("torch."), torch.float32)
+
+
+def _build(hf_config: Any, tp: int, pp: int) -> tuple[Any, Any]:
+    from megatron_speed.actor.model import build_gpt_model
+    from megatron_speed.bridge import mapping_for
+
+    check_layout(hf_config, tp, pp)
+    mapping = mapping_for(hf_config)
+    with cpu_megatron():
+        model = build_gpt_model(hf_config, params_dtype=_dtype(hf_config), tp=tp, pp=pp)
+    return model, mapping
+
+
+def hf_to_megatron(hf_dir: Path, out: Path, *, tp: int, pp: int) -> Path:
+    """Write `hf_dir` as a model-only megatron checkpoint at layout (tp, pp) into `out` (collective)."""
+    from transformers import AutoConfig
+
+    from megatron_speed.bridge.weights import load_hf_weights
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    if _rank() == 0 and out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty: choose a new --out directory")
+    model, mapping = _build(AutoConfig.from_pretrained(hf_dir), tp, pp)
+    load_hf_weights(model, mapping, hf_dir)
+    if _rank() == 0:
+        (out / "megatron").mkdir(parents=True)
+    _barrier()
+    save_megatron(out / "megatron", model)
+    if _rank() == 0:
+        copy_hf_files(hf_dir, out / "hf")
+        write_meta(out, step=0, contents=["model"], tp=tp, pp=pp, world_size=tp * pp, source=str(hf_dir))
+        mark_complete(out)
+    _barrier()
+    return out
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory itself, or the latest complete one under a checkpoints root or run dir."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        if not is_complete(path):
+            raise ValueError(f"{path} has no COMPLETE marker: its save was interrupted; use an earlier checkpoint")
+        return path
+    for root in (path, path / "checkpoints"):
+        found = latest_complete(root)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"no complete megatron-speed checkpoint in {path} (expected meta.json + COMPLETE, "
+                            "or a checkpoints folder holding step_XXXXXX directories)")
+
+
+def megatron_to_hf(ckpt: Path, out: Path, *, tp: int = 1, pp: int = 1) -> Path:
+    """Load checkpoint `ckpt` at layout (tp, pp) and write an HF folder to `out` (collective; rank 0 writes)."""
+    from transformers import AutoConfig
+
+    from megatron_speed.bridge.weights import export_hf_weights
+
+    ckpt = resolve_checkpoint(ckpt)
+    read_meta(ckpt)
+    hf_files = ckpt / "hf"
+    model, mapping = _build(AutoConfig.from_pretrained(hf_files), tp, pp)
+    load_megatron(ckpt / "megatron", model)
+    tensors = list(export_hf_weights(model, mapping))  # every rank iterates: TP gathers, PP broadcasts
+    if _rank() == 0:
+        save_hf_folder(Path(out), hf_files, tensors)
+    _barrier()
+    return Path(out)

@@ -1,0 +1,88 @@
+"""Model, optimizer and LR schedule through megatron-core dist-checkpointing.
+
+Every rank contributes its shards (`sharded_state_dict()`), so a checkpoint written at one TP/PP
+layout loads at another: dist-checkpointing reads the slices each rank needs. The save is
+synchronous (`torch_dist` backend; its writer forks helper processes and needs `psutil`).
+The optimizer goes through its own `sharded_state_dict(model_sd, is_loading)`, keyed by the model
+parameters it belongs to; the LR schedule is a small plain dict saved once in the common part.
+
+Loading a model-only subset of a trainer checkpoint (what `tools/convert_megatron_to_hf.py` does)
+is the same call without the optimizer: unrequested keys are ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_speed.actor.cpu_support import cpu_megatron
+
+# The distributed optimizer's only format that loads back with the torch-Adam fallback on CPU
+# (ARCHITECTURE.md); it reshards across data-parallel sizes. Ignored by the other optimizers.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _chunks(model: Any) -> list[Any]:
+    """The bare GPTModel chunk(s): one per virtual pipeline stage, DDP wrappers removed."""
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    out = []
+    for chunk in chunks:
+        while hasattr(chunk, "module"):
+            chunk = chunk.module
+        out.append(chunk)
+    return out
+
+
+def _sharded(model: Any, optimizer: Any | None, scheduler: Any | None, *, loading: bool) -> dict[str, Any]:
+    """Megatron-LM's layout: "model" (or "model0", "model1", ... with virtual pipeline stages),
+    "optimizer" keyed by the model's sharded parameters, and the scheduler's plain dict."""
+    chunks = _chunks(model)
+    state: dict[str, Any] = ({"model": chunks[0].sharded_state_dict()} if len(chunks) == 1 else
+                             {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)})
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=loading,
+                                                          metadata=OPTIMIZER_METADATA)
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    return state
+
+
+def save_megatron(directory: Path, model: Any, optimizer: Any | None = None, scheduler: Any | None = None) -> None:
+    """Write this rank's shards of `model` (a GPTModel, DDP-wrapped or not, or the list of virtual-stage
+    chunks) and, if given, the optimizer and scheduler into `directory`, which must exist and be empty
+    (collective: every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    with cpu_megatron():
+        dist_checkpointing.save(_sharded(model, optimizer, scheduler, loading=False), str(directory))
+
+
+def load_megatron(directory: Path, model: Any, optimizer: Any | None = None, scheduler: Any | None = None) -> None:
+    """Load `directory` into `model` (and optimizer/scheduler when given), resharding to this layout.
+
+    The weights are copied in place under no_grad: fp32 parameters are leaves that require grad, and
+    the optimizer holds references to these very tensors."""
+    from megatron.core import dist_checkpointing
+
+    with cpu_megatron():
+        state = dist_checkpointing.load(_sharded(model, optimizer, scheduler, loading=True), str(directory))
+        chunks = _chunks(model)
+        for i, chunk in enumerate(chunks):
+            with torch.no_grad():
+                missing, unexpected = chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"],
+                                                            strict=False)
+            real_missing = [k for k in missing if not k.endswith("_extra_state")]
+            if real_missing or unexpected:
+                raise ValueError(f"{directory}: checkpoint does not fit this model: missing {real_missing[:5]}, "
+                                 f"unexpected {list(unexpected)[:5]}")
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+
+
+def is_megatron_checkpoint(directory: Path) -> bool:
+    """True when `directory` holds a finished dist-checkpoint (its metadata file is written last)."""
+    return (Path(directory) / "metadata.json").is_file()
