@@ -28,7 +28,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_speed.actor.batching import MicroBatch, cut, plan, row_lengths, scatter_rows, split_rows
+from megatron_speed.actor.batching import (
+    MicroBatch,
+    cut,
+    pad_to_common_shape,
+    plan,
+    row_lengths,
+    scatter_rows,
+    split_rows,
+)
 from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.actor.logprobs import token_entropy, token_logprobs
 from megatron_speed.actor.model import build_gpt_model
@@ -103,7 +111,13 @@ class MegatronActor:
             chunks = [build_gpt_model(self.hf_config, vp_stage=i, **kwargs) for i in range(self.vpp)]
         for chunk in chunks:
             # Stages exchange activation shapes first, so micro-batches may vary in rows and length.
-            chunk.config.variable_seq_lengths = self.pp > 1
+            # Not with VPP: megatron always batches that shape exchange, which gloo mismatches when
+            # the previous and next stage are one rank (PP=2); micro-batches are padded instead.
+            chunk.config.variable_seq_lengths = self.pp > 1 and self.vpp == 1
+            # gloo matches a pair's messages in posting order, so batched p2p mixes activations and
+            # gradients when the previous and next stage are the same rank (PP=2 with VPP); megatron's
+            # unbatched path puts the two directions on different groups.
+            chunk.config.batch_p2p_comm = torch.cuda.is_available()
         load_hf_weights(chunks, self.mapping, self.hf_path)
         return chunks
 
@@ -148,7 +162,8 @@ class MegatronActor:
         lengths = row_lengths(length_mask, tokens.shape[1], tokens.shape[0])
         groups = plan(lengths, rows_per_micro_batch=cfg.micro_batch_size, token_budget=cfg.micro_batch_tokens,
                       min_micro_batches=self.pp if self.vpp > 1 else 1)
-        return cut(groups, lengths, tokens, *per_token, trim=cfg.micro_batch_tokens > 0)
+        mbs = cut(groups, lengths, tokens, *per_token, trim=cfg.micro_batch_tokens > 0)
+        return pad_to_common_shape(mbs) if self.vpp > 1 else mbs
 
     # --- forward/backward through megatron's schedule -------------------------------------------
     def _forward_step(self, data_iterator: Iterator[MicroBatch], model: Any, *, train: bool) -> Any:

@@ -79,6 +79,25 @@ def cut(groups: list[list[int]], lengths: Sequence[int], tokens: torch.Tensor,
     return out
 
 
+def pad_to_common_shape(micro_batches: list[MicroBatch]) -> list[MicroBatch]:
+    """Pad every micro-batch to the largest rows x length among them (interleaved pipelines on gloo
+    need fixed activation shapes). Padding rows have an empty mask, so they add nothing to any loss
+    numerator or denominator, and row index -1, so their log-probs are dropped."""
+    rows = max(mb.tokens.shape[0] for mb in micro_batches)
+    width = max(mb.tokens.shape[1] for mb in micro_batches)
+
+    def pad(t: torch.Tensor | None, cols: int) -> torch.Tensor | None:
+        return None if t is None else torch.nn.functional.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]))
+
+    out = []
+    for mb in micro_batches:
+        index = mb.rows if mb.rows is not None else torch.arange(mb.tokens.shape[0])
+        out.append(MicroBatch(pad(mb.tokens, width), pad(mb.mask, width - 1), pad(mb.old_logprobs, width - 1),
+                              pad(mb.advantages, width - 1), pad(mb.ref_logprobs, width - 1),
+                              rows=torch.cat([index, index.new_full((rows - len(index),), -1)])))
+    return out
+
+
 def split_rows(size: int, tokens: torch.Tensor, *per_token: torch.Tensor | None) -> list[MicroBatch]:
     """Contiguous micro-batches of `size` rows at full length (the fixed-size path)."""
     n = tokens.shape[0]
@@ -90,5 +109,6 @@ def scatter_rows(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: int, 
     """Put per-micro-batch results [b, L-1] back at their rows of a zero [rows, width] tensor."""
     out = torch.zeros(rows, width, dtype=parts[0][1].dtype if parts else torch.float32)
     for idx, values in parts:
-        out[idx, :values.shape[1]] = values
+        real = idx >= 0  # -1 marks padding rows
+        out[idx[real], :values.shape[1]] = values[real]
     return out
