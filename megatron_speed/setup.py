@@ -69,7 +69,7 @@ class Components:
 
 def clear_previous_run(out_dir: Path) -> None:
     """A fresh run replaces the logs of an earlier run of the same name (HF exports are kept)."""
-    stale = [out_dir / n for n in ("metrics.jsonl", "summary.json", "heldout_accuracy.png", "tensorboard")]
+    stale = [out_dir / n for n in ("metrics.jsonl", "summary.json", "heldout_accuracy.png", "tensorboard", "ranks")]
     if any(p.exists() for p in stale):
         log.warning("%s holds an earlier run; its metrics, tensorboard logs and summary are replaced", out_dir)
     for path in stale:
@@ -157,7 +157,9 @@ def build(cfg: Config) -> Components:
         cfg=cfg, dims=dims, out_dir=out_dir, hf_path=hf_path, engine=engine, actor=actor,
         rewards=RewardPool(cfg.rewards.grader, cfg.rewards.num_workers, cfg.rewards.timeout_seconds),
         curriculum=build_curriculum(cfg.curriculum, sampler, n=cfg.rollout.n),
-        logger=MetricsLogger(out_dir, tensorboard=cfg.metrics.tensorboard and dims.is_main,
+        # metrics.jsonl is rank 0's; the other ranks keep theirs under ranks/ (same numbers, for debugging)
+        logger=MetricsLogger(out_dir if dims.is_main else out_dir / "ranks" / f"rank{dims.rank}",
+                             tensorboard=cfg.metrics.tensorboard and dims.is_main,
                              progress_bar=cfg.metrics.progress_bar and dims.is_main,
                              total_steps=cfg.run.steps + 1,
                              purge_step=None if resume_from is None else checkpoint_step(resume_from) + 1),
