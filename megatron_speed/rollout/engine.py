@@ -92,12 +92,13 @@ class VLLMEngine:
         self._require(("awake", "weights"), "update_weights")
         started = time.perf_counter()
         count = total = buckets = peak = 0
+        loaded: set[str] = set()
         compat.begin_reload(self.llm)
         for bucket in bucketize(named_tensors, int(self.cfg.refit_bucket_mb * 2**20)):
-            compat.load_bucket(self.llm, bucket)
+            loaded |= compat.load_bucket(self.llm, bucket)
             size = sum(tensor_bytes(t) for _, t in bucket)
             count, total, buckets, peak = count + len(bucket), total + size, buckets + 1, max(peak, size)
-        compat.finish_reload(self.llm)
+        compat.finish_reload(self.llm, loaded)
         return RefitStats(seconds=time.perf_counter() - started, tensors=count, bytes=total, buckets=buckets,
                           peak_bucket_bytes=peak)
 

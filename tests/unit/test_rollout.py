@@ -235,3 +235,12 @@ def test_sleep_wake_order_is_enforced_on_every_build(engine: VLLMEngine) -> None
         engine.generate_greedy([request[0].prompt])
     engine.wake_up(["kv_cache"])
     assert len(engine.generate(request, policy_version=0)[0].completions) == 2
+
+
+def test_a_refit_that_misses_a_tensor_names_it(engine: VLLMEngine, hf_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    named = [(n, t) for n, t in load_file(hf_dir / "model.safetensors").items() if ".1.mlp.down_proj." not in n]
+    with pytest.raises(RuntimeError, match=r"1 engine parameter\(s\) with stale weights: "
+                                           r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        engine.update_weights(named)
