@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megatron_speed.actor.actor import MegatronActor
 from megatron_speed.checkpoint import save_hf_folder
-from megatron_speed.checkpoint.resume import checkpoint_step, keep_metrics_until, resolve_resume
+from megatron_speed.checkpoint.resume import checkpoint_step, discard_checkpoints, keep_metrics_until, resolve_resume
 from megatron_speed.config.base import to_dict
 from megatron_speed.config.schema import Config
 from megatron_speed.curriculum.base import Curriculum, build_curriculum
@@ -129,6 +129,7 @@ def build(cfg: Config) -> Components:
     resume_from = resolve_resume(cfg.run.resume, out_dir)
     if dims.is_main and resume_from is None:
         clear_previous_run(out_dir)
+        discard_checkpoints(out_dir)
     elif dims.is_main:  # a resumed run appends to its logs, minus what it will redo
         keep_metrics_until(out_dir / "metrics.jsonl", checkpoint_step(resume_from))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -168,7 +168,8 @@ class Trainer:
         self.curve, self.warm = list(state["curve"]), state["warm_start_accuracy"]
         self.last_eval_step, self.eval_seconds = state["last_eval_step"], state["eval_seconds"]
         self.started = time.perf_counter() - state["rl_seconds"] - self.eval_seconds
-        self.refit()  # the fresh engine holds the initial weights
+        p.engine.sleep()  # the fresh engine holds the initial weights: refit in the usual order
+        self.refit()
         return int(state["step"])
 
     def _rl_seconds(self) -> float:

@@ -73,6 +73,16 @@ def resolve_resume(setting: str, run_dir: Path) -> Path | None:
     return path
 
 
+def discard_checkpoints(run_dir: Path) -> None:
+    """A fresh start replaces an earlier run's checkpoints: left in place, its later steps would outrank
+    the new run's in `latest_complete` and keep-last pruning."""
+    root = checkpoints_root(run_dir)
+    if root.is_dir() and any(root.iterdir()):
+        log.warning("%s holds checkpoints of an earlier run and this run starts fresh (run.resume is \"\" or "
+                    "found no complete checkpoint): deleting them", root)
+        shutil.rmtree(root)
+
+
 def save_checkpoint(root: Path, step: int, *, actor: Any, hf_src: Path, trainer_state: dict[str, Any],
                     keep_last: int, layout: dict[str, int]) -> Path:
     """Write checkpoint `step` under `root` (collective); returns its final path."""

@@ -173,6 +173,8 @@ def test_resume_setting_and_marker(tmp_path: Path) -> None:
     layout.mark_complete(root / "step_000005")
     assert resume.resolve_resume(str(root), run_dir) == root / "step_000005"
     assert resume.resolve_resume("", run_dir) is None
+    resume.discard_checkpoints(run_dir)  # what a fresh start does: old steps must not outrank new ones
+    assert not root.exists()
     with pytest.raises(ConfigError, match=r"run\.keep_last"):
         load_config("toy_cpu", ["run.keep_last=0"])
 
