@@ -73,7 +73,7 @@ EXECUTORS = {"local": local_executor, "docker": docker_executor, "slurm": slurm_
 def submit(recipe: str, overrides: list[str], args: argparse.Namespace, env: dict[str, str]) -> int:
     """Run (or with `args.dryrun`, print) the job; the exit status is the job's for local and Docker
     runs, which block, and 0 once a SLURM job is queued (it outlives the submitting shell)."""
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # leptonai imports deprecated starlette parts
+    warnings.filterwarnings("ignore", message=".*starlette")  # leptonai imports deprecated starlette parts
     import nemo_run as run
 
     executor = EXECUTORS[args.executor](args, env)
@@ -85,7 +85,8 @@ def submit(recipe: str, overrides: list[str], args: argparse.Namespace, env: dic
             return 0
         detach = args.executor == "slurm"
         exp.run(detach=detach)
-        if detach:
-            return 0
-        status = (exp.status(return_dict=True) or {}).get(name, {}).get("status")
+    if detach:
+        return 0
+    # Read after the context closes: leaving it is what waits for an attached job to finish.
+    status = (exp.status(return_dict=True) or {}).get(name, {}).get("status")
     return 0 if str(status) == "SUCCEEDED" else 1
