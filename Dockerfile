@@ -10,7 +10,9 @@
 #
 # Build arguments (pins; the torch/vLLM/megatron-core ones must match pyproject's `gpu` extra):
 #   CUDA_IMAGE             CUDA 13.0 devel image (nvcc is needed to build TransformerEngine's extension)
-#   TORCH_VERSION          2.11.0 (PyPI's Linux wheel for 2.11.0 is built against CUDA 13.0)
+#   TORCH_VERSION          2.11.0
+#   TORCH_INDEX_URL        empty = PyPI's torch wheel; set it to PyTorch's cu130 wheel index to get the
+#                          exact 2.11.0+cu130 build of the H100 host (vLLM 0.25.1 then installs beside it)
 #   VLLM_VERSION           0.25.1 (requires exactly torch 2.11.0)
 #   MEGATRON_CORE_VERSION  0.16.1
 #   TE_VERSION             empty = no TransformerEngine (default). The code uses TE when it imports and
@@ -22,6 +24,7 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
 ARG TORCH_VERSION=2.11.0
+ARG TORCH_INDEX_URL=
 ARG VLLM_VERSION=0.25.1
 ARG MEGATRON_CORE_VERSION=0.16.1
 ARG TE_VERSION=
@@ -43,7 +46,10 @@ RUN apt-get update \
 
 # The heavy, rarely changing layer first, so that editing the project does not reinstall CUDA wheels.
 # TransformerEngine builds against the installed torch, hence --no-build-isolation.
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "vllm==${VLLM_VERSION}" \
+RUN if [ -n "${TORCH_INDEX_URL}" ]; then \
+        pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
+    fi \
+    && pip install --no-cache-dir "torch==${TORCH_VERSION}" "vllm==${VLLM_VERSION}" \
         "megatron-core==${MEGATRON_CORE_VERSION}" \
     && if [ -n "${TE_VERSION}" ]; then \
         pip install --no-cache-dir --no-build-isolation "transformer-engine[pytorch]==${TE_VERSION}"; \
