@@ -1,0 +1,71 @@
+"""One rank of the tensor/pipeline-parallel actor checks (run by test_tp_pp.py under torchrun, or
+called in-process as the single-rank TP=1 reference).
+
+Every rank builds the actor for the requested layout, then on the same full batch: exports the HF
+weights, computes log-probs, takes one training step, exports again and recomputes log-probs. Each
+rank writes what it returned to `<out>.<rank>.pt`, so the test can check both that the layout matches
+the reference and that every rank returned the same full results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig, ParallelConfig
+from megatron_speed.parallel import destroy_parallel, init_parallel
+
+ROWS, WIDTH = 8, 14
+
+
+def fixed_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8 right-padded rows whose responses end at very different positions (lengths 4..13)."""
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, vocab, (ROWS, WIDTH), generator=gen)
+    mask = torch.zeros(ROWS, WIDTH - 1)
+    for i in range(ROWS):
+        mask[i, 2:2 + 1 + (i * 7) % 11] = 1.0
+    adv = torch.randn(ROWS, 1, generator=gen) * mask
+    return tokens, mask, adv
+
+
+def run(hf_dir: Path, layout: dict[str, Any]) -> dict[str, Any]:
+    """The actor's outputs for one layout: {"logprobs", "stats", "logprobs_after", "before", "after"}."""
+    from megatron_speed.actor.actor import MegatronActor
+
+    parallel = ParallelConfig(tensor_parallel_size=layout.get("tp", 1), pipeline_parallel_size=layout.get("pp", 1),
+                              virtual_pipeline_parallel_size=layout.get("vpp", 1))
+    dims = init_parallel(parallel, seed=1)
+    optim = OptimConfig(lr=1e-3, min_lr=1e-3, micro_batch_size=2, mini_batch_size=ROWS,
+                        micro_batch_tokens=layout.get("micro_batch_tokens", 0),
+                        use_distributed_optimizer=layout.get("distributed_optimizer", False))
+    actor = MegatronActor(hf_dir, model_cfg=ModelConfig(), optim_cfg=optim,
+                          algorithm_cfg=AlgorithmConfig(), temperature=1.0, horizon=WIDTH - 1, total_steps=1,
+                          tp=dims.tp, pp=dims.pp)
+    tokens, mask, adv = fixed_batch(actor.hf_config.vocab_size)
+    before = {k: v.clone() for k, v in actor.export_hf_weights()}
+    logprobs = actor.compute_logprobs(tokens)
+    stats = actor.train_step(tokens, mask, logprobs - 0.05 * mask, adv)
+    after = {k: v.clone() for k, v in actor.export_hf_weights()}
+    return {"logprobs": logprobs, "stats": stats, "logprobs_after": actor.compute_logprobs(tokens),
+            "before": before, "after": after, "dims": dims}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("hf_dir", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("layout", type=json.loads)
+    args = parser.parse_args()
+    result = run(args.hf_dir, args.layout)
+    rank = result.pop("dims").rank
+    torch.save(result, f"{args.out}.{rank}.pt")
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()
