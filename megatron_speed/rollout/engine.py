@@ -61,6 +61,7 @@ class VLLMEngine:
 
         self._require("awake", "generate")
         if not requests:
+            self.calls += 1  # a replica with an empty share keeps the call count the other replicas have
             return []
         ids = [self.encode(r.prompt.prompt) for r in requests]
         params = [SamplingParams(n=r.n, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
