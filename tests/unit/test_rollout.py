@@ -235,6 +235,8 @@ def test_sleep_wake_order_is_enforced_on_every_build(engine: VLLMEngine) -> None
         engine.generate_greedy([request[0].prompt])
     engine.wake_up(["kv_cache"])
     assert len(engine.generate(request, policy_version=0)[0].completions) == 2
+    calls = engine.calls  # a replica whose share of a call is empty still counts the call (seed counter)
+    assert engine.generate([], policy_version=0) == [] and engine.calls == calls + 1
 
 
 def test_a_refit_that_misses_a_tensor_names_it(engine: VLLMEngine, hf_dir: Path) -> None:
