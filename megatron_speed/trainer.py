@@ -81,7 +81,8 @@ class Trainer:
             batch = build_train_batch(train_groups, pad_id=p.pad_id).to(p.device)
             with self.timer("advantages"):
                 advantages, adv_stats = compute_advantages(batch, cfg.algorithm, horizon=cfg.rollout.max_new_tokens)
-            p.engine.sleep()  # free the KV cache and weights while the actor trains (a no-op call on CPU)
+            with self.timer("sleep"):  # free the KV cache and weights while the actor trains (no-op on CPU)
+                p.engine.sleep()
             with self.timer("train"):
                 stats = {**self.train_step(batch, advantages), **adv_stats}
             with self.timer("refit"):
