@@ -175,3 +175,76 @@ def test_kl_penalty_and_entropy_bonus_enter_the_loss(hf_dir: Path) -> None:
     assert second["kl_sum"] > 1e-4
     ref = actor.compute_logprobs(tokens, reference=True)
     assert torch.allclose(ref, _hf_logprobs(hf_dir, tokens), atol=HF_TOL)  # the reference stays frozen
+
+
+# --- dynamic batching and layout validation ---------------------------------------------------------
+def _uneven_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """16 right-padded rows whose responses end anywhere from position 4 to 13 of 14."""
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 32, (16, 14), generator=gen)
+    mask = torch.zeros(16, 13)
+    for i in range(16):
+        mask[i, 3:3 + 1 + (i * 7) % 10] = 1.0
+    return tokens, mask, torch.randn(16, 1, generator=gen) * mask
+
+
+def test_token_budget_plan_covers_every_row_once_within_the_budget() -> None:
+    from megatron_speed.actor.batching import plan
+
+    lengths = [5, 14, 3, 9, 9, 2, 30, 7, 11, 4]
+    groups = plan(lengths, rows_per_micro_batch=4, token_budget=20)
+    assert sorted(i for g in groups for i in g) == list(range(10))
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 20 or len(g) == 1  # a 30-token row stands alone
+    assert [6] in groups
+    assert len(plan(lengths, rows_per_micro_batch=4, token_budget=200, min_micro_batches=4)) == 4
+    with pytest.raises(ValueError, match="cannot form"):
+        plan([5, 5], rows_per_micro_batch=2, token_budget=0, min_micro_batches=3)
+
+
+def test_dynamic_batching_gives_the_fixed_micro_batch_gradient(hf_dir: Path) -> None:
+    """A 40-token budget packs the uneven rows into trimmed micro-batches of varying shape; the
+    gradient equals that of fixed 4-row micro-batches at full length (token-mean stays exact because
+    each micro-batch returns (sum, count)), and masked log-probs are unchanged by trimming."""
+    from megatron_speed.actor.actor import _split
+    from megatron_speed.actor.cpu_support import cpu_megatron
+
+    init_parallel(ParallelConfig(), seed=1)
+    tokens, mask, adv = _uneven_batch()
+    actor = MegatronActor(hf_dir, model_cfg=ModelConfig(), optim_cfg=OptimConfig(
+        micro_batch_size=4, mini_batch_size=16, micro_batch_tokens=40), algorithm_cfg=AlgorithmConfig(),
+        temperature=1.0, horizon=10, total_steps=1)
+    old = actor.compute_logprobs(tokens) - 0.1 * mask
+    dynamic = actor._micro_batches(tokens, mask, mask, old, adv)
+    shapes = {tuple(mb.tokens.shape) for mb in dynamic}
+    assert len(shapes) > 2 and all(rows * width <= 40 for rows, width in shapes)
+    assert min(width for _, width in shapes) < 14  # trimmed to the longest row
+    grads = []
+    for mbs in (_split(4, tokens, mask, old, adv), dynamic):
+        with cpu_megatron():
+            actor.model.zero_grad_buffer()
+            actor._run_schedule(mbs, train=True)
+        grads.append({n: p.main_grad.clone() for n, p in actor.module.named_parameters()})
+    assert max(g.abs().max().item() for g in grads[0].values()) > 1e-3
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-7, rtol=1e-5), name
+    trimmed = actor.compute_logprobs(tokens, mask=mask)
+    assert torch.allclose(trimmed * mask, (old + 0.1 * mask) * mask, atol=1e-5)
+
+
+def test_parallel_layout_errors_name_the_key(hf_dir: Path) -> None:
+    from transformers import AutoConfig
+
+    from megatron_speed.actor.actor import _check_layout
+    from megatron_speed.config.base import ConfigError
+
+    with pytest.raises(ConfigError, match=r"virtual_pipeline_parallel_size \(2\) needs pipeline parallelism"):
+        ParallelConfig(virtual_pipeline_parallel_size=2)  # a section alone; the loader adds "parallel."
+    with pytest.raises(ConfigError, match=r"micro_batch_tokens \(-1\)"):
+        OptimConfig(micro_batch_tokens=-1)
+    two_layers = AutoConfig.from_pretrained(hf_dir)
+    with pytest.raises(ConfigError, match=r"parallel\.virtual_pipeline_parallel_size .*divide the model's 2 layers"):
+        _check_layout(two_layers, 2, 2)
+    with pytest.raises(ConfigError, match=r"parallel\.pipeline_parallel_size"):
+        _check_layout(two_layers, 4, 1)
+    _check_layout(two_layers, 2, 1)
