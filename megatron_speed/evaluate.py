@@ -1,19 +1,248 @@
-"""Held-out accuracy: greedy decoding on held-out prompts, graded by the same sandboxed pool.
+"""Held-out evaluation per set: greedy accuracy, and avg@k / pass@k from k samples per prompt.
 
-avg@k / pass@k at a temperature and standalone evaluation of checkpoints arrive with the evaluation
-work; the loop needs one robust number, greedy accuracy, and that is what this computes.
+Greedy accuracy (temperature 0, one response) is the toy's headline number and the trainer's
+accuracy-vs-time curve. The papers report avg@k ("mean@k": the mean accuracy of k samples per
+prompt at a temperature) and pass@k, here the unbiased estimator of Chen et al. (2021) from n
+samples with c correct, 1 - C(n-c, k) / C(n, k). Both are computed per evaluation set, a set being
+the prompts that share a `source` (a prepared file's dataset name, or the file's stem).
+
+Generation goes through the run's `VLLMEngine` (one call for every prompt of every set) and grading
+through the same sandboxed `RewardPool` as training, so evaluation sees exactly the rewards the
+policy is trained on. Standalone use on an HF folder (a run's `runs/<name>/hf/<tag>` export, or a
+Megatron checkpoint converted by tools/convert_megatron_to_hf.py):
+
+    python -m megatron_speed.evaluate --model HF_DIR --data FILE[,FILE] --k 8 --temperature 0.6 --out result.json
+
+Deliberately left out: majority voting (maj@k) and per-prompt response dumps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+import contextlib
+import dataclasses
+import math
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from megatron_speed.records import PromptRecord
+from megatron_speed.config.schema import EvalConfig
+from megatron_speed.records import PromptRecord, SampleRequest
 from megatron_speed.rewards.pool import RewardPool
+from megatron_speed.rewards.scoring import score_groups
 from megatron_speed.rollout.engine import VLLMEngine
 
 
-def heldout_accuracy(engine: VLLMEngine, pool: RewardPool, records: Sequence[PromptRecord]) -> float:
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k responses drawn without replacement from n (c correct) is correct."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@dataclass
+class SetResult:
+    """One evaluation set's numbers; `correct[uid]` counts the correct samples of each prompt."""
+
+    name: str
+    prompts: int
+    greedy_accuracy: float | None = None
+    k: int = 0
+    avg_at_k: float | None = None
+    pass_at: dict[int, float] = field(default_factory=dict)
+    correct: dict[str, int] = field(default_factory=dict)
+
+    def scalars(self) -> dict[str, float]:
+        out = {} if self.greedy_accuracy is None else {f"eval/{self.name}/accuracy": self.greedy_accuracy}
+        if self.avg_at_k is not None:
+            out[f"eval/{self.name}/avg@{self.k}"] = self.avg_at_k
+        out.update({f"eval/{self.name}/pass@{j}": v for j, v in self.pass_at.items()})
+        return out
+
+
+@dataclass
+class EvalReport:
+    """Every set's result plus greedy accuracy over all prompts (the trainer's `eval/accuracy`)."""
+
+    sets: dict[str, SetResult]
+    greedy_accuracy: float | None
+    settings: dict[str, Any]
+
+    def scalars(self) -> dict[str, float]:
+        out = {} if self.greedy_accuracy is None else {"eval/accuracy": self.greedy_accuracy}
+        for result in self.sets.values():
+            out.update(result.scalars())
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"settings": self.settings, "greedy_accuracy": self.greedy_accuracy,
+                "sets": {name: dataclasses.asdict(r) for name, r in self.sets.items()}}
+
+
+def by_set(records: Sequence[PromptRecord]) -> dict[str, list[PromptRecord]]:
+    """Records grouped by `source`, in order of first appearance."""
+    groups: dict[str, list[PromptRecord]] = defaultdict(list)
+    for r in records:
+        groups[r.source].append(r)
+    return dict(groups)
+
+
+def cap_per_set(records: Sequence[PromptRecord], max_prompts: int) -> list[PromptRecord]:
+    """The first `max_prompts` records of every set (a small set is not crowded out by a big one)."""
+    return [r for group in by_set(records).values() for r in group[:max_prompts]]
+
+
+def resolve_files(cfg: EvalConfig) -> tuple[str, ...]:
+    """`eval.files` as paths: a bare name without a suffix (`aime24`) is `<data_dir>/<name>.parquet`."""
+    return tuple(f if Path(f).suffix else str(Path(cfg.data_dir) / f"{f}.parquet") for f in cfg.files)
+
+
+@contextlib.contextmanager
+def sampling(engine: VLLMEngine, *, temperature: float, top_p: float) -> Iterator[None]:
+    """Sample at the evaluation temperature/top_p for the duration; the rollout settings come back after.
+
+    The engine builds its sampling parameters from `engine.cfg` on every call, so the evaluation
+    reuses the training engine (and its weights) rather than building a second one."""
+    saved = engine.cfg
+    engine.cfg = dataclasses.replace(saved, temperature=temperature, top_p=top_p)
+    try:
+        yield
+    finally:
+        engine.cfg = saved
+
+
+def greedy_correct(engine: VLLMEngine, pool: RewardPool, records: Sequence[PromptRecord]) -> list[bool]:
     texts = engine.generate_greedy(records)
     result = pool.score([(text, r.answer) for text, r in zip(texts, records)])
-    return sum(s > 0 for s in result.scores) / max(len(records), 1)
+    return [s > 0 for s in result.scores]
+
+
+def sampled_correct(engine: VLLMEngine, pool: RewardPool, records: Sequence[PromptRecord], *, k: int,
+                    temperature: float, top_p: float, policy_version: int = 0) -> list[int]:
+    """Correct responses among `k` samples of every record, in record order (one engine call)."""
+    requests = [SampleRequest(prompt=r, n=k, phase="eval") for r in records]
+    with sampling(engine, temperature=temperature, top_p=top_p):
+        groups = engine.generate(requests, policy_version=policy_version)
+    score_groups(pool, groups)
+    return [sum(reward > 0 for reward in g.rewards) for g in groups]
+
+
+def evaluate_sets(engine: VLLMEngine, pool: RewardPool, records: Sequence[PromptRecord], *, k: int,
+                  temperature: float, top_p: float, pass_ks: Sequence[int] = (), greedy: bool = True,
+                  policy_version: int = 0) -> EvalReport:
+    """Greedy accuracy (if `greedy`) and, with `k` >= 1, avg@k and pass@j for j in `pass_ks` per set."""
+    if not greedy and k < 1:
+        raise ValueError("nothing to evaluate: greedy is off and k < 1")
+    if any(not 1 <= j <= k for j in pass_ks):
+        raise ValueError(f"pass@j needs 1 <= j <= k (k={k}), got {tuple(pass_ks)}")
+    greedy_ok = greedy_correct(engine, pool, records) if greedy else None
+    counts = sampled_correct(engine, pool, records, k=k, temperature=temperature, top_p=top_p,
+                             policy_version=policy_version) if k else None
+    position = {id(r): i for i, r in enumerate(records)}
+    sets: dict[str, SetResult] = {}
+    for name, group in by_set(records).items():
+        index = [position[id(r)] for r in group]
+        result = SetResult(name=name, prompts=len(group), k=k)
+        if greedy_ok is not None:
+            result.greedy_accuracy = sum(greedy_ok[i] for i in index) / len(index)
+        if counts is not None:
+            result.correct = {r.uid: counts[i] for r, i in zip(group, index)}
+            result.avg_at_k = sum(counts[i] for i in index) / (k * len(index))
+            result.pass_at = {j: sum(pass_at_k(k, counts[i], j) for i in index) / len(index) for j in pass_ks}
+        sets[name] = result
+    overall = sum(greedy_ok) / max(len(records), 1) if greedy_ok is not None else None
+    settings = {"k": k, "temperature": temperature, "top_p": top_p, "pass_at": list(pass_ks),
+                "max_new_tokens": engine.cfg.max_new_tokens, "prompts": len(records)}
+    return EvalReport(sets=sets, greedy_accuracy=overall, settings=settings)
+
+
+def run_eval(engine: VLLMEngine, pool: RewardPool, records: Sequence[PromptRecord], cfg: EvalConfig, *,
+             policy_version: int = 0) -> EvalReport:
+    """The trainer's evaluation: greedy always, sampled metrics as `eval.k` asks."""
+    return evaluate_sets(engine, pool, records, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
+                         pass_ks=cfg.pass_ks, policy_version=policy_version)
+
+
+def heldout_accuracy(engine: VLLMEngine, pool: RewardPool, records: Sequence[PromptRecord]) -> float:
+    """Greedy accuracy over all records (kept for callers that need only the headline number)."""
+    correct = greedy_correct(engine, pool, records)
+    return sum(correct) / max(len(records), 1)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_speed.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Greedy accuracy, avg@k and pass@k of an HF model folder on prepared prompt files.",
+        epilog="--model is an HF folder: a run's export under runs/<name>/hf/<tag>, or a Megatron "
+               "checkpoint converted with tools/convert_megatron_to_hf.py. --data files are .jsonl/.parquet "
+               "with id, prompt, answer[, source] (examples/data_preprocess/prepare.py writes them); "
+               "each source is reported as its own set.")
+    parser.add_argument("--model", required=True, type=Path, help="HF model folder (config, weights, tokenizer)")
+    parser.add_argument("--data", required=True, help="comma-separated prompt files")
+    parser.add_argument("--k", type=int, default=8, help="samples per prompt for avg@k / pass@k (0 = greedy only)")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--pass-at", default="", help="comma-separated j for pass@j (default: k)")
+    parser.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
+    parser.add_argument("--max-new-tokens", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=0, help="0 = the model's max_position_embeddings")
+    parser.add_argument("--max-prompts", type=int, default=0, help="first N prompts of each set (0 = all)")
+    parser.add_argument("--grader", default="math_verify", help="a name in rewards.GRADERS or module:function")
+    parser.add_argument("--workers", type=int, default=2, help="grader processes")
+    parser.add_argument("--grader-timeout", type=float, default=5.0, help="seconds per graded response")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.8)
+    parser.add_argument("--kv-cache-gib", type=float, default=0.0, help="explicit KV-cache size (CPU: e.g. 0.25)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, type=Path, help="JSON file for the results")
+    args = parser.parse_args(list(argv))
+    args.pass_at = tuple(int(j) for j in args.pass_at.split(",") if j) or ((args.k,) if args.k else ())
+    if args.k < 0 or any(not 1 <= j <= args.k for j in args.pass_at):
+        parser.error(f"--pass-at values must be in 1..k (k={args.k}) and k >= 0")
+    if args.no_greedy and args.k < 1:
+        parser.error("--no-greedy needs --k >= 1: nothing would be evaluated")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import json
+    import sys
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from megatron_speed.config.schema import RolloutConfig
+    from megatron_speed.data import read_many
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    files = [f for f in args.data.split(",") if f]
+    max_len = int(AutoConfig.from_pretrained(args.model).max_position_embeddings)
+    max_len = min(max_len, args.max_model_len) if args.max_model_len else max_len
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    records, skipped = read_many(files, count_tokens=lambda s: len(tokenizer.encode(s)),
+                                 max_prompt_tokens=max_len - args.max_new_tokens)
+    print(f"prompts: {skipped.summary()}", file=sys.stderr)
+    if args.max_prompts:
+        records = cap_per_set(records, args.max_prompts)
+    if not records:
+        print("error: no usable prompts", file=sys.stderr)
+        return 1
+    rollout = RolloutConfig(n=max(args.k, 1), temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, tensor_parallel_size=args.tensor_parallel_size,
+                            gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
+                            seed=args.seed)
+    engine = VLLMEngine(args.model, rollout, max_model_len=max_len, seed=args.seed)
+    with RewardPool(args.grader, args.workers, args.grader_timeout) as pool:
+        report = evaluate_sets(engine, pool, records, k=args.k, temperature=args.temperature, top_p=args.top_p,
+                               pass_ks=args.pass_at, greedy=not args.no_greedy)
+    result = {"model": str(args.model), "data": files, "skipped_rows": skipped.counts, **report.to_json()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    for name, value in report.scalars().items():
+        print(f"{name:40s} {value:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

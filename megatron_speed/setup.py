@@ -19,6 +19,7 @@ from megatron_speed.config.base import to_dict
 from megatron_speed.config.schema import Config
 from megatron_speed.curriculum.base import Curriculum, build_curriculum
 from megatron_speed.data import PromptSampler, read_many
+from megatron_speed.evaluate import cap_per_set, resolve_files
 from megatron_speed.metrics import MetricsLogger
 from megatron_speed.parallel import ParallelDims, init_parallel
 from megatron_speed.records import PromptRecord
@@ -143,7 +144,8 @@ def build(cfg: Config) -> Components:
     limit = max_len - cfg.rollout.max_new_tokens
     counts: dict[str, float] = {}
     train = read_split(train_files, cfg, tokenizer, max_prompt_tokens=limit, name="train", counts=counts)
-    held_out = read_split(eval_files, cfg, tokenizer, max_prompt_tokens=limit, name="heldout", counts=counts)
+    held_out = read_split((*eval_files, *resolve_files(cfg.eval)), cfg, tokenizer, max_prompt_tokens=limit,
+                          name="heldout", counts=counts)
     # The TP ranks of one engine replica must sample alike (same seed); replicas differ.
     replicas = ReplicaLayout(dims.world_size, dims.rank, cfg.rollout.tensor_parallel_size)
     engine = VLLMEngine(hf_path, cfg.rollout, max_model_len=max_len, world_size=dims.world_size,
@@ -164,5 +166,5 @@ def build(cfg: Config) -> Components:
                              progress_bar=cfg.metrics.progress_bar and dims.is_main,
                              total_steps=cfg.run.steps + 1,
                              purge_step=None if resume_from is None else checkpoint_step(resume_from) + 1),
-        eval_records=held_out[:cfg.eval.max_prompts], pad_id=int(pad), data_metrics=counts,
+        eval_records=cap_per_set(held_out, cfg.eval.max_prompts), pad_id=int(pad), data_metrics=counts,
         resume_from=resume_from)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ from megatron_speed.algorithms.losses import truncated_is_weights
 from megatron_speed.checkpoint.resume import checkpoints_root, load_checkpoint, save_checkpoint
 from megatron_speed.config.schema import AlgorithmConfig
 from megatron_speed.curriculum.batch import build_train_batch
-from megatron_speed.evaluate import heldout_accuracy
+from megatron_speed.evaluate import run_eval
 from megatron_speed.kernels import js_token_advantages
 from megatron_speed.metrics import PhaseTimer
 from megatron_speed.metrics.summary import rollout_metrics, train_metrics
@@ -53,6 +54,7 @@ class Trainer:
         self.started = 0.0
         self.last_eval_step = 0
         self.eval_seconds = 0.0  # excluded from the RL clock, as the papers' "pure training" time
+        self.eval_scalars: dict[str, float] = {}  # the latest evaluation's metrics (evaluate.py)
         self.warm = 0.0  # held-out accuracy before RL (restored on resume)
         self.stop_step = parts.cfg.run.steps  # the last step this process runs (see fit's stop_after)
 
@@ -64,7 +66,7 @@ class Trainer:
         step = self.resume(p.resume_from) if p.resume_from is not None else 0
         if p.resume_from is None:
             self.warm = self.evaluate()
-            p.logger.log(0, {"eval/accuracy": self.warm, **p.data_metrics})
+            p.logger.log(0, {**self.eval_scalars, **p.data_metrics})
         warm, groups, faults = self.warm, [], Counter()
         self.stop_step = cfg.run.steps if stop_after is None else min(cfg.run.steps, step + stop_after)
         while step < self.stop_step and not self._out_of_time():
@@ -96,7 +98,7 @@ class Trainer:
                               accuracy_curve=list(self.curve))
         final = self.curve[-1][1] if self.last_eval_step == step else self.evaluate()
         if self.last_eval_step != step:
-            p.logger.log(step, {"eval/accuracy": final})
+            p.logger.log(step, self.eval_scalars)
         p.save_hf("final")
         return RunSummary(steps=step, seconds=self._rl_seconds(), eval_seconds=self.eval_seconds,
                           warm_start_accuracy=warm, final_accuracy=final, accuracy_curve=list(self.curve))
@@ -121,10 +123,22 @@ class Trainer:
         return refit
 
     def evaluate(self) -> float:
-        """Greedy held-out accuracy; its time is excluded from the accuracy-vs-time curve."""
+        """Held-out evaluation per set: greedy accuracy, plus avg@k/pass@k when `eval.k` >= 1.
+
+        Returns greedy accuracy over all held-out prompts (the accuracy-vs-time curve, from which the
+        evaluation's own time is excluded). Every metric (`eval/accuracy`, `eval/<set>/...`) is kept in
+        `eval_scalars` for the step's log line, and the full report goes to `eval/step_<policy version>.json`.
+        """
+        p = self.parts
         started = time.perf_counter()
-        acc = heldout_accuracy(self.parts.engine, self.parts.rewards, self.parts.eval_records)
+        report = run_eval(p.engine, p.rewards, p.eval_records, self.cfg.eval, policy_version=p.actor.version)
         self.eval_seconds += time.perf_counter() - started
+        if p.dims.is_main:
+            path = p.out_dir / "eval" / f"step_{p.actor.version:06d}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report.to_json(), indent=2))
+        self.eval_scalars = report.scalars()
+        acc = float(report.greedy_accuracy or 0.0)
         self.curve.append((self._rl_seconds(), acc))
         return acc
 
@@ -135,7 +149,8 @@ class Trainer:
         scalars = {**rollout_metrics(groups, times), **train_metrics(batch, stats, times), **scoring,
                    **times, **self.parts.curriculum.metrics(), "time/rl_seconds": self._rl_seconds()}
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.run.steps:
-            scalars["eval/accuracy"] = self.evaluate()
+            self.evaluate()
+            scalars.update(self.eval_scalars)
             self.last_eval_step = step
         if cfg.run.save_hf_every and step % cfg.run.save_hf_every == 0:
             self.parts.save_hf(f"step_{step:06d}")

@@ -313,15 +313,39 @@ class OptimConfig(Section):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig(Section):
-    """Held-out accuracy: greedy (temperature 0) on up to `max_prompts` held-out prompts."""
+    """Held-out evaluation, per set: greedy accuracy always; avg@k and pass@k when `k` >= 1.
+
+    The sets are `data.eval_files` (plus the toy's held-out split) and `files`, each reported under
+    its rows' `source` (a prepared file's dataset name, else the file's stem) and capped at
+    `max_prompts` prompts. An entry of `files` is a path, or a prepared name such as `aime24`, read
+    from `<data_dir>/aime24.parquet` (examples/data_preprocess/prepare.py writes those). With `k` >= 1
+    every prompt gets `k` samples at `temperature`/`top_p`: avg@k is their mean accuracy and pass@j
+    the unbiased estimate 1 - C(k-c, j)/C(k, j) for each j in `pass_at` (default: j = k)."""
 
     every: int = 10  # steps; 0 = only before and after training
-    max_prompts: int = 512
+    max_prompts: int = 512  # per evaluation set
+    files: tuple[str, ...] = ()
+    data_dir: str = "data"
+    k: int = 0  # samples per prompt for avg@k / pass@k; 0 = greedy accuracy only (the toy's default)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    pass_at: tuple[int, ...] = ()  # the j of pass@j; empty = (k,)
+
+    @property
+    def pass_ks(self) -> tuple[int, ...]:
+        return self.pass_at or ((self.k,) if self.k else ())
 
     def check(self) -> None:
         require(self.every >= 0, "every", self.every, "must be >= 0", "use 0 to evaluate only at the ends")
         require(self.max_prompts >= 1, "max_prompts", self.max_prompts, "must be >= 1",
                 "evaluate on at least one prompt")
+        require(self.k >= 0, "k", self.k, "must be >= 0", "use 0 for greedy accuracy only, or e.g. 8")
+        require(self.temperature > 0, "temperature", self.temperature,
+                "must be > 0: k samples at temperature 0 would all be the greedy answer",
+                "use 0.6 (the papers' evaluation) or 1.0")
+        require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]", "use 0.95 or 1.0")
+        require(all(1 <= j <= self.k for j in self.pass_at), "pass_at", self.pass_at,
+                f"must hold values in 1..k (k = {self.k})", "raise eval.k or drop the larger values")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
