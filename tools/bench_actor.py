@@ -30,15 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SHAPES = {  # HF config fields of the benchmarked shapes
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
-}
+from bench_models import SHAPES, model_dir
 
 
 @dataclass(frozen=True)
@@ -53,22 +47,6 @@ class Result:
     mfu_percent: float
     peak_gib: float
     loss: float
-
-
-def model_dir(shape: str, seq: int, cache: Path) -> Path:
-    """A random HF qwen2 model of `shape`, written once (bf16 on GPU, float32 on CPU)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    path = cache / f"{shape}-{str(dtype).removeprefix('torch.')}"
-    if (path / "config.json").exists():
-        return path
-    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=max(seq, 4096), rms_norm_eps=1e-6,
-                      rope_theta=1e6, hidden_act="silu")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
-    model.save_pretrained(path)
-    return path
 
 
 def flops_per_token(hf: dict[str, int], seq: int) -> float:
@@ -86,7 +64,7 @@ def run_one(args: argparse.Namespace, backend: str) -> Result:
     from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig, ParallelConfig
     from megatron_speed.parallel import init_parallel
 
-    path = model_dir(args.shape, args.seq, Path(args.cache))
+    path = model_dir(args.shape, Path(args.cache), max_positions=max(args.seq, 4096))
     init_parallel(ParallelConfig(), seed=0)
     on_gpu = torch.cuda.is_available()
     rows = args.micro_batch * args.micro_batches
@@ -145,7 +123,7 @@ def main() -> int:
         print("RESULT " + json.dumps(asdict(run_one(args, args.one))), flush=True)
         return 0
     results, failures = [], {}
-    model_dir(args.shape, args.seq, Path(args.cache))  # once, before the subprocesses
+    model_dir(args.shape, Path(args.cache), max_positions=max(args.seq, 4096))  # once, before the subprocesses
     for backend in args.backends:
         cmd = [sys.executable, __file__, "--one", backend, *sys.argv[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MASTER_PORT": "29590"})
