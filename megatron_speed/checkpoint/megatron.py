@@ -49,6 +49,23 @@ def _sharded(model: Any, optimizer: Any | None, scheduler: Any | None, *, loadin
     return state
 
 
+def _prime_adam_state(optimizer: Any) -> None:
+    """Give a never-stepped torch Adam the state of step 0 (zero moments, step 0) before a load.
+
+    megatron-core 0.16's distributed optimizer, on the torch-Adam fallback (no TE/apex), reads a
+    `step` from every parameter's state while building the sharded state dict to load INTO, and a
+    fresh optimizer has no state until its first step. The load overwrites all of it."""
+    inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    for opt in inner:
+        if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in opt.param_groups:
+            for param in group["params"]:
+                if not opt.state[param]:
+                    opt.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                            exp_avg_sq=torch.zeros_like(param))
+
+
 def save_megatron(directory: Path, model: Any, optimizer: Any | None = None, scheduler: Any | None = None) -> None:
     """Write this rank's shards of `model` (a GPTModel, DDP-wrapped or not, or the list of virtual-stage
     chunks) and, if given, the optimizer and scheduler into `directory`, which must exist and be empty
@@ -66,6 +83,8 @@ def load_megatron(directory: Path, model: Any, optimizer: Any | None = None, sch
     the optimizer holds references to these very tensors."""
     from megatron.core import dist_checkpointing
 
+    if optimizer is not None:
+        _prime_adam_state(optimizer)
     with cpu_megatron():
         state = dist_checkpointing.load(_sharded(model, optimizer, scheduler, loading=True), str(directory))
         chunks = _chunks(model)
@@ -78,7 +97,8 @@ def load_megatron(directory: Path, model: Any, optimizer: Any | None = None, sch
                 raise ValueError(f"{directory}: checkpoint does not fit this model: missing {real_missing[:5]}, "
                                  f"unexpected {list(unexpected)[:5]}")
         if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            with torch.no_grad():  # the distributed optimizer copies into its fp32 parameter shards
+                optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
 
