@@ -178,7 +178,8 @@ def export_hf_weights(model: Chunks, mapping: FamilyMapping) -> Iterator[tuple[s
 
     Collective: every rank must iterate the generator to the end in step. Parameters go one at a time in
     a global order all ranks agree on: the owning stage gathers the TP shards, then broadcasts the full
-    tensor to the other pipeline stages.
+    tensor to the other pipeline stages. A yielded tensor may alias a live parameter (unsharded ones
+    on their own stage): consumers that keep it past the next optimizer step must copy it.
     """
     from megatron.core import parallel_state as ps
 

@@ -219,12 +219,14 @@ def test_dynamic_batching_gives_the_fixed_micro_batch_gradient(hf_dir: Path) -> 
     shapes = {tuple(mb.tokens.shape) for mb in dynamic}
     assert len(shapes) > 2 and all(rows * width <= 40 for rows, width in shapes)
     assert min(width for _, width in shapes) < 14  # trimmed to the longest row
-    grads = []
+    grads, losses = [], []
     for mbs in (_split(4, tokens, mask, old, adv), dynamic):
         with cpu_megatron():
             actor.model.zero_grad_buffer()
-            actor._run_schedule(mbs, train=True)
+            out = actor._run_schedule(mbs, train=True)
         grads.append({n: p.main_grad.clone() for n, p in actor.module.named_parameters()})
+        losses.append(sum(float(o["loss_num"]) for o in out) / sum(float(o["loss_den"]) for o in out))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     assert max(g.abs().max().item() for g in grads[0].values()) > 1e-3
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-7, rtol=1e-5), name
