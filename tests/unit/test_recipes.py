@@ -13,7 +13,7 @@ import pytest
 from megatron_speed.config import load_config
 from megatron_speed.config.base import ConfigError
 from megatron_speed.recipes import RECIPES, get_recipe
-from megatron_speed.recipes.papers import DATA_DIR_ENV, MODEL_DIR_ENV, PAPER_RECIPES, eval_k
+from megatron_speed.recipes.papers import DATA_DIR_ENV, MODEL_DIR_ENV, PAPER_RECIPES
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -61,16 +61,15 @@ def test_baseline_and_dapo_variants() -> None:
     assert speed_dapo_js.algorithm.advantage == "js"
 
 
-def test_eval_sets_and_k_follow_the_scripts() -> None:
-    from megatron_speed.recipes.papers import MODELS
-
-    assert eval_k(MODELS["qwen2.5-math-7b"]) == {"aime24": 16, "aime25": 16, "amc23": 4, "math500": 1,
-                                                 "dapo17k_heldout": 1}
-    assert eval_k(MODELS["qwen2.5-math-1.5b"])["aime24"] == 4
+def test_eval_sets_follow_the_scripts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DATA_DIR_ENV, "/prepared")
     cfg = get_recipe("speed_rloo_js__qwen2.5-math-1.5b__dapo17k")()
-    names = [Path(f).name for f in cfg.data.eval_files]
-    assert names == ["aime24.parquet", "aime25.parquet", "amc23.parquet", "math500.parquet",
-                     "dapo17k_heldout.parquet"]
+    assert cfg.eval.files == ("aime24", "aime25", "amc23", "math500", "dapo17k_heldout")
+    assert cfg.eval.data_dir == "/prepared" and cfg.data.eval_files == ()
+    assert (cfg.eval.every, cfg.eval.k, cfg.eval.temperature, cfg.eval.top_p) == (25, 4, 1.0, 1.0)
+    from megatron_speed.evaluate import resolve_files
+
+    assert resolve_files(cfg.eval)[-1] == "/prepared/dapo17k_heldout.parquet"  # the preprocessor's file names
 
 
 def test_jspo_math_recipe() -> None:
@@ -78,6 +77,7 @@ def test_jspo_math_recipe() -> None:
     assert (cfg.rollout.n, cfg.curriculum.prompts_per_step, cfg.rollout.max_new_tokens) == (4, 1024, 6144)
     assert (cfg.algorithm.advantage, cfg.algorithm.clip_low, cfg.algorithm.clip_high) == ("js", 0.2, 0.28)
     assert cfg.optim.mini_batch_size == 128 * 4 and cfg.optim.lr == 1e-6
+    assert (cfg.eval.files, cfg.eval.k, cfg.eval.temperature, cfg.eval.top_p) == (("aime24", "aime25"), 16, 0.6, 0.95)
 
 
 def test_paths_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
