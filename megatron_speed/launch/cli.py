@@ -3,7 +3,7 @@
 Where the job runs:
 - No `--executor` and no `--nproc`/`--nodes`: in this process, at once (`python launch.py toy_cpu`).
   This path never imports nemo-run, so it stays fast and its output stays in the terminal.
-- `--executor local|docker|slurm` (or `--nproc`/`--nodes` alone, which mean local): nemo-run starts
+- `--executor local|docker|slurm` (`--nproc N` alone means local): nemo-run starts
   `python -m megatron_speed.launch.job RECIPE overrides...` under torchrun on that executor.
 The config is loaded and validated here first either way; a ConfigError exits with status 2 before
 anything is submitted. Job arguments are only the recipe name and dotted overrides: a `--config`
