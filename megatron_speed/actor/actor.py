@@ -216,15 +216,14 @@ class MegatronActor:
         ps = _ps()
         rows = self._local_rows(tokens.shape[0])
         local_mask = mask[rows] if mask is not None else None
-        zeros = torch.zeros(rows.stop - rows.start, tokens.shape[1] - 1)
+        zeros = torch.zeros(rows.stop - rows.start, tokens.shape[1] - 1, device=tokens.device)
         mbs = self._micro_batches(tokens[rows], local_mask, zeros, zeros, zeros)
         chunks = self.reference if reference else self.chunks
         for chunk in chunks:
             chunk.eval()
         with cpu_megatron():
             out = self._run_schedule(mbs, train=False, model=chunks)
-        local = scatter_rows([(mb.rows, o["logprobs"]) for mb, o in zip(mbs, out)], zeros.shape[0],
-                             tokens.shape[1] - 1)
+        local = scatter_rows([(mb.rows, o["logprobs"]) for mb, o in zip(mbs, out)], zeros)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(local, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())

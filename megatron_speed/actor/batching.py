@@ -36,7 +36,7 @@ def row_lengths(mask: torch.Tensor | None, width: int, rows: int) -> list[int]:
     """Tokens each row needs: through its last masked next-token position (mask position t = token t+1)."""
     if mask is None:
         return [width] * rows
-    positions = torch.arange(1, mask.shape[1] + 1).expand_as(mask)
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device).expand_as(mask)
     last = torch.where(mask > 0, positions, torch.zeros_like(positions)).max(dim=1).values
     return [max(int(v) + 1, 2) for v in last]
 
@@ -72,7 +72,7 @@ def cut(groups: list[list[int]], lengths: Sequence[int], tokens: torch.Tensor,
     """Materialise planned micro-batches; with `trim`, each is cut to its longest row."""
     out = []
     for group in groups:
-        idx = torch.tensor(group, dtype=torch.long)
+        idx = torch.tensor(group, dtype=torch.long, device=tokens.device)
         width = max(lengths[i] for i in group) if trim else tokens.shape[1]
         parts = (t[idx, :width - 1] if t is not None else None for t in per_token)
         out.append(MicroBatch(tokens[idx, :width], *parts, rows=idx))
@@ -91,7 +91,7 @@ def pad_to_common_shape(micro_batches: list[MicroBatch]) -> list[MicroBatch]:
 
     out = []
     for mb in micro_batches:
-        index = mb.rows if mb.rows is not None else torch.arange(mb.tokens.shape[0])
+        index = mb.rows if mb.rows is not None else torch.arange(mb.tokens.shape[0], device=mb.tokens.device)
         out.append(MicroBatch(pad(mb.tokens, width), pad(mb.mask, width - 1), pad(mb.old_logprobs, width - 1),
                               pad(mb.advantages, width - 1), pad(mb.ref_logprobs, width - 1),
                               rows=torch.cat([index, index.new_full((rows - len(index),), -1)])))
@@ -105,9 +105,10 @@ def split_rows(size: int, tokens: torch.Tensor, *per_token: torch.Tensor | None)
     return cut(groups, [tokens.shape[1]] * n, tokens, *per_token, trim=False)
 
 
-def scatter_rows(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: int, width: int) -> torch.Tensor:
-    """Put per-micro-batch results [b, L-1] back at their rows of a zero [rows, width] tensor."""
-    out = torch.zeros(rows, width, dtype=parts[0][1].dtype if parts else torch.float32)
+def scatter_rows(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], zeros: torch.Tensor) -> torch.Tensor:
+    """Put per-micro-batch results [b, L-1] back at their rows of a copy of `zeros` [rows, width]
+    (float32 on the batch's device; stages without outputs return it as is)."""
+    out = zeros.clone()
     for idx, values in parts:
         real = idx >= 0  # -1 marks padding rows
         out[idx[real], :values.shape[1]] = values[real]
