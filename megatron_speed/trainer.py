@@ -106,7 +106,7 @@ class Trainer:
     def train_step(self, batch: TrainBatch, token_adv: torch.Tensor) -> dict[str, float]:
         """Recompute old log-probs with the actor, then PPO-clip updates over the batch."""
         actor, cap = self.parts.actor, self.cfg.algorithm.tis_cap
-        old_logprobs = actor.compute_logprobs(batch.tokens)
+        old_logprobs = actor.compute_logprobs(batch.tokens, mask=batch.response_mask)
         stats = _mismatch(old_logprobs, batch.rollout_logprobs, batch.response_mask)
         if cap:
             token_adv, tis_stats = tis_advantages(token_adv, old_logprobs, batch, cap=cap)

@@ -119,6 +119,12 @@ class MegatronActor:
             # unbatched path puts the two directions on different groups.
             chunk.config.batch_p2p_comm = torch.cuda.is_available()
         load_hf_weights(chunks, self.mapping, self.hf_path)
+        if self.dtype == torch.bfloat16:
+            from megatron.core.transformer.module import Float16Module
+
+            # bf16 params without TE/apex: Float16Module casts the first stage's float inputs to bf16
+            # and the last stage's logits back to float32, as megatron's own training loop does.
+            chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
         return chunks
 
     def _wrap_ddp(self, chunks: list[torch.nn.Module]) -> list[Any]:
