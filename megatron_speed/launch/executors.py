@@ -4,8 +4,8 @@ One process per GPU is started by torchrun (nemo-run's `Torchrun` launcher), nev
 under SLURM nemo-run turns `ntasks_per_node=N` into one task per node running `torchrun
 --nproc-per-node N --nnodes <nodes>` with a c10d rendezvous on the head node. Containers on SLURM
 go through pyxis (`--container-image/--container-mounts`). The code is shipped with nemo-run's
-GitArchivePackager when the launch happens inside a git checkout (the job then runs the submitted
-commit from `/nemo_run/code`); elsewhere nothing is packaged and the image's installed package runs.
+GitArchivePackager when megatron_speed is imported from a git checkout (the job then runs that
+checkout's HEAD from `/nemo_run/code`); an installed package ships nothing and the image's copy runs.
 
 Left out on purpose: nemo-run's Experiment management (one task per launch is all the recipes need)
 and its Ray/Lepton/Skypilot executors.
@@ -14,6 +14,7 @@ and its Ray/Lepton/Skypilot executors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 from megatron_speed.recipes.papers import DATA_DIR_ENV, MODEL_DIR_ENV
 
 JOB_MODULE = "megatron_speed.launch.job"
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout's root when run from one
 FORWARDED_ENV = (DATA_DIR_ENV, MODEL_DIR_ENV)  # the paper recipes resolve their paths from these
 
 
@@ -32,12 +34,17 @@ def job_task(recipe: str, overrides: list[str], env: dict[str, str]) -> Any:
     return run.Script(path=JOB_MODULE, args=[recipe, *overrides], entrypoint="python", m=True, env=env)
 
 
-def _packager(source_dir: Path) -> Any:
+def _is_checkout() -> bool:
+    return (SOURCE_ROOT / "launch.py").exists() and subprocess.run(
+        ["git", "rev-parse", "--is-inside-work-tree"], cwd=SOURCE_ROOT, capture_output=True, text=True,
+    ).stdout.strip() == "true"
+
+
+def _packager() -> Any:
+    """Ship this checkout's HEAD; an installed package ships nothing (the image's copy runs)."""
     import nemo_run as run
 
-    inside_git = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=source_dir,
-                                capture_output=True, text=True).stdout.strip() == "true"
-    return run.GitArchivePackager() if inside_git else run.Packager()
+    return run.GitArchivePackager(basepath=str(SOURCE_ROOT)) if _is_checkout() else run.Packager()
 
 
 def local_executor(args: argparse.Namespace, env: dict[str, str]) -> Any:
@@ -53,7 +60,7 @@ def docker_executor(args: argparse.Namespace, env: dict[str, str]) -> Any:
     return run.DockerExecutor(container_image=args.container_image, ntasks_per_node=args.nproc,
                               num_gpus=args.gpus_per_node if args.gpus_per_node is not None else -1,
                               runtime="nvidia", ipc_mode="host", shm_size="16g", volumes=list(args.mounts),
-                              env_vars=env, packager=_packager(Path.cwd()),
+                              env_vars=env, packager=_packager(),
                               launcher=run.Torchrun(rdzv_port=args.rdzv_port))
 
 
@@ -63,7 +70,7 @@ def slurm_executor(args: argparse.Namespace, env: dict[str, str]) -> Any:
     gpus = args.gpus_per_node if args.gpus_per_node is not None else args.nproc
     return run.SlurmExecutor(account=args.account, partition=args.partition, time=args.time, nodes=args.nodes,
                              ntasks_per_node=args.nproc, gpus_per_node=gpus, container_image=args.container_image,
-                             container_mounts=list(args.mounts), env_vars=env, packager=_packager(Path.cwd()),
+                             container_mounts=list(args.mounts), env_vars=env, packager=_packager(),
                              launcher=run.Torchrun(rdzv_port=args.rdzv_port))
 
 
@@ -78,7 +85,11 @@ def submit(recipe: str, overrides: list[str], args: argparse.Namespace, env: dic
 
     executor = EXECUTORS[args.executor](args, env)
     name = args.name or recipe.replace(".", "_")
-    with run.Experiment(name, executor=executor) as exp:
+    # nemo-run's SLURM packaging asks git for the top level of the *current* directory, so package
+    # from the checkout whatever directory launch.py was started in (local jobs keep the caller's).
+    packaged = args.executor != "local" and _is_checkout()
+    where = contextlib.chdir(SOURCE_ROOT) if packaged else contextlib.nullcontext()
+    with where, run.Experiment(name, executor=executor) as exp:
         exp.add(job_task(recipe, overrides, env), name=name, tail_logs=args.executor != "slurm")
         if args.dryrun:
             exp.dryrun()

@@ -32,11 +32,11 @@ SLURM_2x8 = ["speed_rloo_js__qwen2.5-math-7b__dapo17k", "run.steps=3", "rollout.
              "/lustre/models:/models", "--env", "NCCL_DEBUG=WARN", "--dryrun"]
 
 
-def launch(args: list[str], tmp: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def launch(args: list[str], tmp: Path, timeout: float = 180, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "NEMORUN_HOME": str(tmp / "nemo_run"), "COLUMNS": "20000",
            "MEGATRON_SPEED_DATA_DIR": "/data", "MEGATRON_SPEED_MODEL_DIR": "/models",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # torchrun of this env
-    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -103,6 +103,14 @@ def test_slurm_script_for_2_nodes_x_8_gpus(tmp_path: Path) -> None:
     job = torchrun[torchrun.index("-m megatron_speed.launch.job"):].split(" exitcode")[0].split()
     assert job == ["-m", "megatron_speed.launch.job", "speed_rloo_js__qwen2.5-math-7b__dapo17k", "eval.every=5",
                    "run.steps=3", "rollout.n=24"]  # only the recipe and dotted overrides
+
+
+@needs_nemo_run
+def test_slurm_dryrun_from_outside_the_checkout(tmp_path: Path) -> None:
+    done = launch(["toy_cpu", "--executor", "slurm", "--account", "a", "--partition", "p", "--nproc", "2",
+                   "--dryrun"], tmp_path, cwd=tmp_path)  # nemo-run packages the checkout, not the cwd
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "-m megatron_speed.launch.job toy_cpu" in flat(done.stdout)
 
 
 @needs_nemo_run
