@@ -140,15 +140,16 @@ def evaluate_sets(engine: VLLMEngine, pool: RewardPool, records: Sequence[Prompt
     greedy_ok = greedy_correct(engine, pool, records) if greedy else None
     counts = sampled_correct(engine, pool, records, k=k, temperature=temperature, top_p=top_p,
                              policy_version=policy_version) if k else None
-    position = {id(r): i for i, r in enumerate(records)}
+    members: dict[str, list[int]] = defaultdict(list)  # set name -> positions in `records`
+    for i, r in enumerate(records):
+        members[r.source].append(i)
     sets: dict[str, SetResult] = {}
-    for name, group in by_set(records).items():
-        index = [position[id(r)] for r in group]
-        result = SetResult(name=name, prompts=len(group), k=k)
+    for name, index in members.items():
+        result = SetResult(name=name, prompts=len(index), k=k)
         if greedy_ok is not None:
             result.greedy_accuracy = sum(greedy_ok[i] for i in index) / len(index)
         if counts is not None:
-            result.correct = {r.uid: counts[i] for r, i in zip(group, index)}
+            result.correct = {records[i].uid: counts[i] for i in index}
             result.avg_at_k = sum(counts[i] for i in index) / (k * len(index))
             result.pass_at = {j: sum(pass_at_k(k, counts[i], j) for i in index) / len(index) for j in pass_ks}
         sets[name] = result
@@ -163,12 +164,6 @@ def run_eval(engine: VLLMEngine, pool: RewardPool, records: Sequence[PromptRecor
     """The trainer's evaluation: greedy always, sampled metrics as `eval.k` asks."""
     return evaluate_sets(engine, pool, records, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                          pass_ks=cfg.pass_ks, policy_version=policy_version)
-
-
-def heldout_accuracy(engine: VLLMEngine, pool: RewardPool, records: Sequence[PromptRecord]) -> float:
-    """Greedy accuracy over all records (kept for callers that need only the headline number)."""
-    correct = greedy_correct(engine, pool, records)
-    return sum(correct) / max(len(records), 1)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

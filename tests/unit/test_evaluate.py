@@ -154,25 +154,36 @@ def test_cli_grades_with_math_verify(toy_model: tuple[Path, Path], tmp_path: Pat
 
 @pytest.mark.slow
 def test_training_loop_logs_avg_and_pass_at_k_per_set(toy_model: tuple[Path, Path], tmp_path: Path) -> None:
-    """eval.k / eval.files wired into the loop: per-set metrics in metrics.jsonl and a JSON per evaluation."""
+    """eval.k / eval.files wired into the loop: per-set metrics in metrics.jsonl and a JSON per evaluation.
+
+    The policy is the fixture's model, so the "echo" set is answered right under greedy decoding.
+    The evaluation samples at a near-zero temperature while rollouts sample at 1.0: if the eval
+    settings did not reach the engine, the k samples would disagree with each other and with greedy."""
     from megatron_speed.config import load_config
     from megatron_speed.main import run
 
-    _, data = toy_model
+    model, data = toy_model
     cfg = load_config("toy_cpu", [
-        f"run.output_dir={tmp_path}", "run.steps=1", "eval.every=1", "eval.max_prompts=6", "eval.k=2",
-        "eval.temperature=1.0", "eval.files=[echo]", f"eval.data_dir={data}", "curriculum.prompts_per_step=4",
-        "rollout.n=4", "optim.mini_batch_size=16", "optim.micro_batch_size=8", "model.warmup.steps=40",
-        "data.toy.train_size=200", "data.toy.eval_size=16", "metrics.progress_bar=false", "metrics.plot=false"])
+        f"run.output_dir={tmp_path}", "run.steps=1", "eval.every=1", "eval.max_prompts=6", "eval.k=4",
+        "eval.pass_at=[1,4]", "eval.temperature=0.0001", "eval.files=[echo]", f"eval.data_dir={data}",
+        f"model.hf_path={model}", "data.toy.max_digits=1", "data.toy.train_size=200", "data.toy.eval_size=16",
+        "curriculum.prompts_per_step=4", "rollout.n=4", "optim.mini_batch_size=16", "optim.micro_batch_size=8",
+        "metrics.progress_bar=false", "metrics.plot=false"])
     assert run(cfg).steps == 1
     out = tmp_path / "toy_cpu"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
     for row in rows:
         for name in ("toy-add", "echo"):
-            assert {f"eval/{name}/accuracy", f"eval/{name}/avg@2", f"eval/{name}/pass@2"} <= set(row), row
-        assert row["eval/toy-add/pass@2"] >= row["eval/toy-add/avg@2"]
-    report = json.loads((out / "eval" / "step_000001.json").read_text())
-    assert report["settings"]["k"] == 2 and report["sets"]["toy-add"]["prompts"] == 6
-    assert math.isclose(report["greedy_accuracy"], rows[1]["eval/accuracy"])
-    assert (out / "eval" / "step_000000.json").exists()
+            assert {f"eval/{name}/accuracy", f"eval/{name}/avg@4", f"eval/{name}/pass@1",
+                    f"eval/{name}/pass@4"} <= set(row), row
+        assert row["eval/toy-add/pass@4"] >= row["eval/toy-add/pass@1"]
+    final = json.loads((out / "eval" / "step_000001.json").read_text())
+    assert final["settings"]["k"] == 4 and final["sets"]["toy-add"]["prompts"] == 6
+    assert math.isclose(final["greedy_accuracy"], rows[1]["eval/accuracy"])
+    start = json.loads((out / "eval" / "step_000000.json").read_text())
+    assert start["sets"]["echo"]["greedy_accuracy"] >= 0.6  # the fixture model, before any update
+    for report in (start, final):
+        for s in report["sets"].values():  # near-greedy samples: all k agree, and agree with greedy decoding
+            assert set(s["correct"].values()) <= {0, 4}, s
+            assert math.isclose(s["avg_at_k"], s["greedy_accuracy"])
