@@ -25,7 +25,6 @@ class RunConfig(Section):
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted once a newer one is complete
     resume: str = "auto"  # "auto": latest complete checkpoint of this run, if any | "": start fresh | a path
 
-
     def check(self) -> None:
         require(self.steps >= 1, "steps", self.steps, "must be >= 1", "set run.steps to a positive count")
         require(self.max_wall_seconds >= 0, "max_wall_seconds", self.max_wall_seconds, "must be >= 0",
