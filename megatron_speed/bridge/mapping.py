@@ -77,6 +77,10 @@ class FamilyMapping:
                 return rule, m.groupdict().get("i")
         raise KeyError(f"no HF mapping for Megatron parameter {name!r}")
 
+    def kind(self, name: str) -> str:
+        """How the Megatron parameter `name` combines HF tensors: "copy", "qkv" or "gate_up"."""
+        return self._match(name)[0].kind
+
     def to_hf(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """One full Megatron tensor -> its HF-named tensor(s)."""
         rule, i = self._match(name)

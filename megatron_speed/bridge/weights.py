@@ -64,7 +64,7 @@ def _is_tied_copy(chunk: torch.nn.Module, name: str) -> bool:
 
 
 def _is_glu(mapping: FamilyMapping, name: str) -> bool:
-    return mapping._match(name)[0].kind == "gate_up"
+    return mapping.kind(name) == "gate_up"
 
 
 def _tp() -> tuple[int, int, Any]:
