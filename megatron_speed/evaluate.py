@@ -13,6 +13,10 @@ Megatron checkpoint converted by tools/convert_megatron_to_hf.py):
 
     python -m megatron_speed.evaluate --model HF_DIR --data FILE[,FILE] --k 8 --temperature 0.6 --out result.json
 
+Under SPMD every engine replica (rollout/replicas.py) evaluates a contiguous share of the prompts and
+the per-prompt results are gathered, so every rank holds the whole report and the evaluation's time
+shrinks with the number of replicas.
+
 Deliberately left out: majority voting (maj@k) and per-prompt response dumps.
 """
 
@@ -23,7 +27,7 @@ import contextlib
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from megatron_speed.records import PromptRecord, SampleRequest
 from megatron_speed.rewards.pool import RewardPool
 from megatron_speed.rewards.scoring import score_groups
 from megatron_speed.rollout.engine import VLLMEngine
+from megatron_speed.rollout.replicas import ReplicaLayout, gather_shares
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -114,6 +119,8 @@ def sampling(engine: VLLMEngine, *, temperature: float, top_p: float) -> Iterato
 
 
 def greedy_correct(engine: VLLMEngine, pool: RewardPool, records: Sequence[PromptRecord]) -> list[bool]:
+    if not records:
+        return []
     texts = engine.generate_greedy(records)
     result = pool.score([(text, r.answer) for text, r in zip(texts, records)])
     return [s > 0 for s in result.scores]
@@ -131,15 +138,22 @@ def sampled_correct(engine: VLLMEngine, pool: RewardPool, records: Sequence[Prom
 
 def evaluate_sets(engine: VLLMEngine, pool: RewardPool, records: Sequence[PromptRecord], *, k: int,
                   temperature: float, top_p: float, pass_ks: Sequence[int] = (), greedy: bool = True,
-                  policy_version: int = 0) -> EvalReport:
-    """Greedy accuracy (if `greedy`) and, with `k` >= 1, avg@k and pass@j for j in `pass_ks` per set."""
+                  policy_version: int = 0, replicas: ReplicaLayout | None = None) -> EvalReport:
+    """Greedy accuracy (if `greedy`) and, with `k` >= 1, avg@k and pass@j for j in `pass_ks` per set.
+
+    With `replicas`, each engine replica evaluates its share of `records` and every rank gets all results."""
     if not greedy and k < 1:
         raise ValueError("nothing to evaluate: greedy is off and k < 1")
     if any(not 1 <= j <= k for j in pass_ks):
         raise ValueError(f"pass@j needs 1 <= j <= k (k={k}), got {tuple(pass_ks)}")
-    greedy_ok = greedy_correct(engine, pool, records) if greedy else None
-    counts = sampled_correct(engine, pool, records, k=k, temperature=temperature, top_p=top_p,
-                             policy_version=policy_version) if k else None
+    def spread(fn: Callable[[Sequence[PromptRecord]], list[Any]]) -> list[Any]:
+        if replicas is None or replicas.world_size == 1:
+            return fn(records)
+        return gather_shares(replicas, fn(replicas.local(records)))
+
+    greedy_ok = spread(lambda rs: greedy_correct(engine, pool, rs)) if greedy else None
+    counts = spread(lambda rs: sampled_correct(engine, pool, rs, k=k, temperature=temperature, top_p=top_p,
+                                               policy_version=policy_version)) if k else None
     members: dict[str, list[int]] = defaultdict(list)  # set name -> positions in `records`
     for i, r in enumerate(records):
         members[r.source].append(i)
@@ -160,10 +174,10 @@ def evaluate_sets(engine: VLLMEngine, pool: RewardPool, records: Sequence[Prompt
 
 
 def run_eval(engine: VLLMEngine, pool: RewardPool, records: Sequence[PromptRecord], cfg: EvalConfig, *,
-             policy_version: int = 0) -> EvalReport:
+             policy_version: int = 0, replicas: ReplicaLayout | None = None) -> EvalReport:
     """The trainer's evaluation: greedy always, sampled metrics as `eval.k` asks."""
     return evaluate_sets(engine, pool, records, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                         pass_ks=cfg.pass_ks, policy_version=policy_version)
+                         pass_ks=cfg.pass_ks, policy_version=policy_version, replicas=replicas)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -131,7 +131,8 @@ class Trainer:
         """
         p = self.parts
         started = time.perf_counter()
-        report = run_eval(p.engine, p.rewards, p.eval_records, self.cfg.eval, policy_version=p.actor.version)
+        report = run_eval(p.engine, p.rewards, p.eval_records, self.cfg.eval, policy_version=p.actor.version,
+                          replicas=p.replicas)
         self.eval_seconds += time.perf_counter() - started
         if p.dims.is_main:
             path = p.out_dir / "eval" / f"step_{p.actor.version:06d}.json"

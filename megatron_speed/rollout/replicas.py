@@ -29,6 +29,7 @@ from megatron_speed.config.base import ConfigError
 from megatron_speed.records import RolloutGroup
 
 T = TypeVar("T")
+P = TypeVar("P")
 
 
 @dataclass(frozen=True)
@@ -80,14 +81,29 @@ def score_and_gather(layout: ReplicaLayout, local_groups: list[RolloutGroup],
     faults = score(local_groups) if layout.is_leader else {}
     if layout.world_size == 1:
         return local_groups, faults
-    payload = (local_groups, faults) if layout.is_leader else None
-    gathered: list[tuple[list[RolloutGroup], dict[str, float]] | None] = [None] * layout.world_size
-    dist.all_gather_object(gathered, payload)
     groups: list[RolloutGroup] = []
     total: Counter[str] = Counter()
-    for replica in range(layout.replicas):
-        leader_payload = gathered[replica * layout.tp]
-        assert leader_payload is not None, f"replica {replica}'s leader sent nothing"
-        groups += leader_payload[0]
-        total.update(leader_payload[1])
+    for replica_groups, replica_faults in _from_leaders(layout, (local_groups, faults)):
+        groups += replica_groups
+        total.update(replica_faults)
     return groups, dict(total)
+
+
+def _from_leaders(layout: ReplicaLayout, payload: P) -> list[P]:
+    """Every replica leader's `payload`, in replica order, on every rank (one all_gather_object)."""
+    gathered: list[P | None] = [None] * layout.world_size
+    dist.all_gather_object(gathered, payload if layout.is_leader else None)
+    out = []
+    for replica in range(layout.replicas):
+        part = gathered[replica * layout.tp]
+        assert part is not None, f"replica {replica}'s leader sent nothing"
+        out.append(part)
+    return out
+
+
+def gather_shares(layout: ReplicaLayout, local: list[T]) -> list[T]:
+    """Every replica's `local` results (computed on its `share`), concatenated in replica order on every
+    rank. Each replica's leader sends; the other ranks of a replica computed the same list."""
+    if layout.world_size == 1:
+        return list(local)
+    return [item for part in _from_leaders(layout, list(local)) for item in part]

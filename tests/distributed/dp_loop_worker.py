@@ -20,6 +20,20 @@ def overrides(out: Path) -> list[str]:
             "rollout.refit_bucket_mb=0.25"]
 
 
+def sharded_evaluation(parts) -> dict[str, object]:
+    """Greedy accuracy over all held-out prompts on this rank alone vs spread over the two replicas,
+    and how many prompts this rank's engine decoded for the spread one."""
+    from megatron_speed.evaluate import evaluate_sets, greedy_correct
+
+    alone = greedy_correct(parts.engine, parts.rewards, parts.eval_records)
+    seen, generate_greedy = [], parts.engine.generate_greedy
+    parts.engine.generate_greedy = lambda records: seen.append(len(records)) or generate_greedy(records)
+    report = evaluate_sets(parts.engine, parts.rewards, parts.eval_records, k=2, temperature=1.0, top_p=1.0,
+                           pass_ks=(1, 2), replicas=parts.replicas)
+    return {"alone_accuracy": sum(alone) / len(alone), "spread_accuracy": report.greedy_accuracy,
+            "spread_decoded": sum(seen), "spread_correct": {n: r.correct for n, r in report.sets.items()}}
+
+
 def main() -> None:
     from megatron_speed.setup import build
     from megatron_speed.trainer import Trainer
@@ -29,9 +43,10 @@ def main() -> None:
     try:
         summary = Trainer(parts).fit()
         weights = {n: t.double().sum().item() for n, t in parts.actor.export_hf_weights()}
+        evaluation = sharded_evaluation(parts)
         torch.save({"steps": summary.steps, "final_accuracy": summary.final_accuracy, "weights": weights,
                     "curriculum": parts.curriculum.metrics(), "engine_calls": parts.engine.calls,
-                    "replica": parts.replicas.replica}, out / f"loop_rank{parts.dims.rank}.pt")
+                    "replica": parts.replicas.replica, **evaluation}, out / f"loop_rank{parts.dims.rank}.pt")
     finally:
         parts.close()
 

@@ -110,7 +110,8 @@ def test_spmd_rollout_gather_sleep_and_bucketed_refit(tp: int, models: tuple[Pat
 def test_toy_loop_on_two_data_parallel_ranks(tmp_path: Path) -> None:
     """The whole loop, DP=2 actor and two engine replicas: both ranks train on the same batches (same
     curriculum state, identical weights after 2 steps) and each engine stays in step with the actor
-    after every bucketed refit (the batch mixes both replicas' samples)."""
+    after every bucketed refit (the batch mixes both replicas' samples); evaluation is spread over the
+    replicas."""
     import json
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -123,6 +124,12 @@ def test_toy_loop_on_two_data_parallel_ranks(tmp_path: Path) -> None:
     assert ranks[0]["curriculum"] == ranks[1]["curriculum"] and ranks[0]["engine_calls"] == ranks[1]["engine_calls"]
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["final_accuracy"] == ranks[1]["final_accuracy"]
+    # Evaluation spread over the replicas: each decodes half of the 8 held-out prompts, every rank gets
+    # the whole report, and greedy accuracy equals one rank decoding everything.
+    assert [r["spread_decoded"] for r in ranks] == [4, 4]
+    assert ranks[0]["spread_accuracy"] == ranks[1]["spread_accuracy"] == ranks[0]["alone_accuracy"]
+    assert ranks[0]["spread_correct"] == ranks[1]["spread_correct"]
+    assert sum(len(c) for c in ranks[0]["spread_correct"].values()) == 8
 
     rows = [json.loads(line) for line in (tmp_path / "toy_cpu_js" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
