@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,10 +50,13 @@ def _packager() -> Any:
 
 
 def local_executor(args: argparse.Namespace, env: dict[str, str]) -> Any:
+    """Runs `torchrun` on this machine; the interpreter's own bin/ goes first on PATH, so a venv's
+    torchrun is found even when the venv is not activated (`/path/to/venv/bin/python launch.py ...`)."""
     import nemo_run as run
 
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return run.LocalExecutor(ntasks_per_node=args.nproc, launcher=run.Torchrun(rdzv_port=args.rdzv_port),
-                             env_vars=env)
+                             env_vars={**env, "PATH": path})
 
 
 def docker_executor(args: argparse.Namespace, env: dict[str, str]) -> Any:
