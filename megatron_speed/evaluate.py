@@ -27,11 +27,12 @@ import contextlib
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import EvalConfig
 from megatron_speed.records import PromptRecord, SampleRequest
 from megatron_speed.rewards.pool import RewardPool
@@ -138,38 +139,50 @@ def sampled_correct(engine: VLLMEngine, pool: RewardPool, records: Sequence[Prom
 
 def evaluate_sets(engine: VLLMEngine, pool: RewardPool, records: Sequence[PromptRecord], *, k: int,
                   temperature: float, top_p: float, pass_ks: Sequence[int] = (), greedy: bool = True,
-                  policy_version: int = 0, replicas: ReplicaLayout | None = None) -> EvalReport:
-    """Greedy accuracy (if `greedy`) and, with `k` >= 1, avg@k and pass@j for j in `pass_ks` per set.
+                  policy_version: int = 0, replicas: ReplicaLayout | None = None,
+                  k_by_set: Mapping[str, int] | None = None) -> EvalReport:
+    """Greedy accuracy (if `greedy`) and avg@k and pass@j per set, k being `k_by_set[set]` or `k`
+    (0: greedy only for that set); j runs over `pass_ks`, or just k when `pass_ks` is empty.
 
-    With `replicas`, each engine replica evaluates its share of `records` and every rank gets all results."""
-    if not greedy and k < 1:
+    One engine call per distinct k. With `replicas`, each engine replica evaluates its share of the
+    prompts and every rank gets all results."""
+    set_k = {r.source: (k_by_set or {}).get(r.source, k) for r in records}
+    if not greedy and not any(set_k.values()):
         raise ValueError("nothing to evaluate: greedy is off and k < 1")
-    if any(not 1 <= j <= k for j in pass_ks):
-        raise ValueError(f"pass@j needs 1 <= j <= k (k={k}), got {tuple(pass_ks)}")
-    def spread(fn: Callable[[Sequence[PromptRecord]], list[Any]]) -> list[Any]:
-        if replicas is None or replicas.world_size == 1:
-            return fn(records)
-        return gather_shares(replicas, fn(replicas.local(records)))
+    for name, kk in set_k.items():
+        if kk and any(not 1 <= j <= kk for j in pass_ks):
+            raise ValueError(f"pass@j needs 1 <= j <= k (k={kk} for set {name!r}), got {tuple(pass_ks)}")
 
-    greedy_ok = spread(lambda rs: greedy_correct(engine, pool, rs)) if greedy else None
-    counts = spread(lambda rs: sampled_correct(engine, pool, rs, k=k, temperature=temperature, top_p=top_p,
-                                               policy_version=policy_version)) if k else None
+    def spread(fn: Callable[[Sequence[PromptRecord]], list[Any]], recs: Sequence[PromptRecord]) -> list[Any]:
+        if replicas is None or replicas.world_size == 1:
+            return fn(recs)
+        return gather_shares(replicas, fn(replicas.local(recs)))
+
+    greedy_ok = spread(lambda rs: greedy_correct(engine, pool, rs), records) if greedy else None
+    counts: dict[int, int] = {}  # position in `records` -> correct samples
+    for kk in sorted({kk for kk in set_k.values() if kk}):
+        index = [i for i, r in enumerate(records) if set_k[r.source] == kk]
+        counts.update(zip(index, spread(lambda rs, kk=kk: sampled_correct(
+            engine, pool, rs, k=kk, temperature=temperature, top_p=top_p, policy_version=policy_version),
+            [records[i] for i in index])))
     members: dict[str, list[int]] = defaultdict(list)  # set name -> positions in `records`
     for i, r in enumerate(records):
         members[r.source].append(i)
     sets: dict[str, SetResult] = {}
     for name, index in members.items():
-        result = SetResult(name=name, prompts=len(index), k=k)
+        kk = set_k[name]
+        result = SetResult(name=name, prompts=len(index), k=kk)
         if greedy_ok is not None:
             result.greedy_accuracy = sum(greedy_ok[i] for i in index) / len(index)
-        if counts is not None:
+        if kk:
             result.correct = {records[i].uid: counts[i] for i in index}
-            result.avg_at_k = sum(counts[i] for i in index) / (k * len(index))
-            result.pass_at = {j: sum(pass_at_k(k, counts[i], j) for i in index) / len(index) for j in pass_ks}
+            result.avg_at_k = sum(counts[i] for i in index) / (kk * len(index))
+            result.pass_at = {j: sum(pass_at_k(kk, counts[i], j) for i in index) / len(index)
+                              for j in (pass_ks or (kk,))}
         sets[name] = result
     overall = sum(greedy_ok) / max(len(records), 1) if greedy_ok is not None else None
-    settings = {"k": k, "temperature": temperature, "top_p": top_p, "pass_at": list(pass_ks),
-                "max_new_tokens": engine.cfg.max_new_tokens, "prompts": len(records)}
+    settings = {"k": k, "k_by_set": dict(k_by_set or {}), "temperature": temperature, "top_p": top_p,
+                "pass_at": list(pass_ks), "max_new_tokens": engine.cfg.max_new_tokens, "prompts": len(records)}
     return EvalReport(sets=sets, greedy_accuracy=overall, settings=settings)
 
 
@@ -177,7 +190,8 @@ def run_eval(engine: VLLMEngine, pool: RewardPool, records: Sequence[PromptRecor
              policy_version: int = 0, replicas: ReplicaLayout | None = None) -> EvalReport:
     """The trainer's evaluation: greedy always, sampled metrics as `eval.k` asks."""
     return evaluate_sets(engine, pool, records, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                         pass_ks=cfg.pass_ks, policy_version=policy_version, replicas=replicas)
+                         pass_ks=cfg.pass_at, policy_version=policy_version, replicas=replicas,
+                         k_by_set=cfg.set_k())
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -193,7 +207,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=8, help="samples per prompt for avg@k / pass@k (0 = greedy only)")
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--pass-at", default="", help="comma-separated j for pass@j (default: k)")
+    parser.add_argument("--pass-at", default="", help="comma-separated j for pass@j (default: each set's k)")
+    parser.add_argument("--k-by-set", default="", help="comma-separated SET=K overriding --k for one set, "
+                        "e.g. aime24=16,math500=1 (a set is a source name)")
     parser.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
     parser.add_argument("--max-new-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=0, help="0 = the model's max_position_embeddings")
@@ -207,10 +223,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, type=Path, help="JSON file for the results")
     args = parser.parse_args(list(argv))
-    args.pass_at = tuple(int(j) for j in args.pass_at.split(",") if j) or ((args.k,) if args.k else ())
-    if args.k < 0 or any(not 1 <= j <= args.k for j in args.pass_at):
-        parser.error(f"--pass-at values must be in 1..k (k={args.k}) and k >= 0")
-    if args.no_greedy and args.k < 1:
+    args.pass_at = tuple(int(j) for j in args.pass_at.split(",") if j)
+    if args.k < 0:
+        parser.error(f"--k must be >= 0, got {args.k}")
+    try:  # the same rules as the trainer's eval.k / eval.k_by_set / eval.pass_at
+        args.k_by_set = EvalConfig(k=args.k, pass_at=args.pass_at,
+                                   k_by_set=tuple(e for e in args.k_by_set.split(",") if e)).set_k()
+    except ConfigError as err:
+        parser.error(f"--k-by-set / --pass-at: {err}")
+    if args.no_greedy and args.k < 1 and not any(args.k_by_set.values()):
         parser.error("--no-greedy needs --k >= 1: nothing would be evaluated")
     return args
 
@@ -244,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = VLLMEngine(args.model, rollout, max_model_len=max_len, seed=args.seed)
     with RewardPool(args.grader, args.workers, args.grader_timeout) as pool:
         report = evaluate_sets(engine, pool, records, k=args.k, temperature=args.temperature, top_p=args.top_p,
-                               pass_ks=args.pass_at, greedy=not args.no_greedy)
+                               pass_ks=args.pass_at, greedy=not args.no_greedy, k_by_set=args.k_by_set)
     result = {"model": str(args.model), "data": files, "skipped_rows": skipped.counts, **report.to_json()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -328,11 +328,12 @@ class EvalConfig(Section):
     k: int = 0  # samples per prompt for avg@k / pass@k; 0 = greedy accuracy only (the toy's default)
     temperature: float = 0.6
     top_p: float = 0.95
-    pass_at: tuple[int, ...] = ()  # the j of pass@j; empty = (k,)
+    pass_at: tuple[int, ...] = ()  # the j of pass@j; empty = (k,) per set
+    k_by_set: tuple[str, ...] = ()  # "set=K" entries overriding k for one set, e.g. ("aime24=16", "math500=1")
 
-    @property
-    def pass_ks(self) -> tuple[int, ...]:
-        return self.pass_at or ((self.k,) if self.k else ())
+    def set_k(self) -> dict[str, int]:
+        """`k_by_set` as {set name: k} (validated by `check`)."""
+        return {name.strip(): int(kk) for name, kk in (entry.rsplit("=", 1) for entry in self.k_by_set)}
 
     def check(self) -> None:
         require(self.every >= 0, "every", self.every, "must be >= 0", "use 0 to evaluate only at the ends")
@@ -343,8 +344,14 @@ class EvalConfig(Section):
                 "must be > 0: k samples at temperature 0 would all be the greedy answer",
                 "use 0.6 (the papers' evaluation) or 1.0")
         require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]", "use 0.95 or 1.0")
-        require(all(1 <= j <= self.k for j in self.pass_at), "pass_at", self.pass_at,
-                f"must hold values in 1..k (k = {self.k})", "raise eval.k or drop the larger values")
+        for entry in self.k_by_set:
+            name, _, kk = entry.rpartition("=")
+            require(bool(name.strip()) and kk.isdigit(), "k_by_set", self.k_by_set,
+                    f"entry {entry!r} is not SET=K", "write entries like aime24=16 (K >= 0; 0 = greedy only)")
+        ks = [kk for kk in (self.k, *self.set_k().values()) if kk]
+        require(all(1 <= j <= min(ks, default=0) for j in self.pass_at), "pass_at", self.pass_at,
+                f"must hold values in 1..k for every sampled set (smallest k = {min(ks, default=0)})",
+                "raise eval.k / eval.k_by_set or drop the larger values")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -15,20 +15,19 @@ keeps everything else, as the JSPO paper does (drop-in for RLOO/DAPO).
 | lengths, sampling    | prompt <= 1024, response 3072 tokens, T = 1.0, top_p = 1           ||
 | loss                 | token-mean, no KL, no entropy bonus, no overlong shaping           ||
 | eval (every 25 steps)| T = 1.0; AIME24/25 mean@16 (7B) or mean@4 (1.5B), AMC23 mean@4,    ||
-|                      | MATH500 mean@1, DAPO-17k held-out 1k mean@1 (here: avg@4 on all)   ||
+|                      | MATH500 mean@1, DAPO-17k held-out 1k mean@1 (eval.k_by_set)       ||
 | hardware             | 1 node x 4 GPUs (80 GB) for both sizes; 7B uses actor TP=2         ||
 
 "DAPO" is the SPEED paper's DAPO: RLOO advantages + clip-higher 0.28 (+ dynamic sampling without
 SPEED; with SPEED the screen already guarantees reward spread). Deliberate difference from the
 scripts: the mini-batch counts trajectories (384 = one optimizer step per RL step for every
 variant); the SPEED scripts take 6 steps (verl counts 16 prompts x n_init) — reproduce that with
-`optim.mini_batch_size=64`. Evaluation takes one `eval.k` for every set, so all sets report avg@4
-(same expectation as the scripts' mean@16/4/1; AIME on 7B is noisier, MATH500 and DAPO-1k cost 4x):
-`eval.k=16` matches 7B's AIME at ~4x the evaluation time. Memory settings (distributed optimizer,
-16k-token micro-batches) are starting points, not tuned on GPUs. The prompt limit of 1024 tokens
-is implied by the models' 4096-token context (1024 + 3072). The paper does not state a run length;
-`run.steps=500` is a budget to override. Expected time to the paper's accuracy targets on 4 GPUs:
-2-26 h (§1.6).
+`optim.mini_batch_size=64`. Evaluation samples each set as the scripts do (`eval.k_by_set`): AIME24/25
+mean@16 on 7B and mean@4 on 1.5B, AMC23 mean@4, MATH500 and the DAPO-1k held-out mean@1. Memory
+settings (distributed optimizer, 16k-token micro-batches) are starting points, not tuned on GPUs.
+The prompt limit of 1024 tokens is implied by the models' 4096-token context (1024 + 3072). The
+paper does not state a run length; `run.steps=500` is a budget to override. Expected time to the
+paper's accuracy targets on 4 GPUs: 2-26 h (§1.6).
 
 Paths are read when a recipe is built, from the environment so that the same recipe name resolves
 on the submitting host and in the job (`launch.py` forwards both variables):
@@ -78,7 +77,13 @@ MODELS = {
 # Training sets; DAPO-17k trains on the 16k left after the 1k held-out split.
 DATASETS = {"numinamath": "numinamath", "dapo17k": "dapo17k", "deepscaler": "deepscaler"}
 EVAL_SETS = ("aime24", "aime25", "amc23", "math500", "dapo17k_heldout")  # prepared names under the data dir
-EVAL_K = 4  # samples per evaluation prompt, every set (see the module docstring)
+EVAL_K = 4  # samples per evaluation prompt (AMC23's), overridden per set below
+AIME_K = {"qwen2.5-math-1.5b": 4, "qwen2.5-math-7b": 16}  # mean@16 on 7B, mean@4 on 1.5B
+
+
+def eval_k_by_set(model_key: str) -> tuple[str, ...]:
+    aime = AIME_K[model_key]
+    return (f"aime24={aime}", f"aime25={aime}", "math500=1", "dapo17k_heldout=1")
 
 
 def data_dir() -> str:
@@ -114,7 +119,8 @@ def speed_paper(model_key: str, dataset: str, *, base: str, speed: bool, js: boo
         optim=OptimConfig(lr=1e-6, min_lr=1e-6, lr_warmup_steps=10, weight_decay=0.1, clip_grad=1.0,
                           mini_batch_size=384, micro_batch_size=8, micro_batch_tokens=16384,
                           use_distributed_optimizer=True),
-        eval=EvalConfig(every=25, max_prompts=1000, files=EVAL_SETS, data_dir=data_dir(), k=EVAL_K, temperature=1.0,
+        eval=EvalConfig(every=25, max_prompts=1000, files=EVAL_SETS, data_dir=data_dir(), k=EVAL_K,
+                        k_by_set=eval_k_by_set(model_key), temperature=1.0,
                         top_p=1.0),
     )
 

@@ -56,10 +56,13 @@ def test_sets_are_grouped_and_capped_per_set() -> None:
 def test_eval_files_by_name_or_path_and_validation() -> None:
     cfg = EvalConfig(files=("aime24", "extra/set.jsonl"), data_dir="/data")
     assert resolve_files(cfg) == ("/data/aime24.parquet", "extra/set.jsonl")
-    assert EvalConfig(k=8).pass_ks == (8,) and EvalConfig().pass_ks == ()
-    assert EvalConfig(k=8, pass_at=(1, 4)).pass_ks == (1, 4)
+    assert EvalConfig(k=4, k_by_set=("aime24=16", "math500=1")).set_k() == {"aime24": 16, "math500": 1}
     with pytest.raises(ConfigError, match="pass_at"):
         EvalConfig(k=4, pass_at=(8,))
+    with pytest.raises(ConfigError, match="pass_at"):  # math500 samples only once
+        EvalConfig(k=4, pass_at=(2,), k_by_set=("math500=1",))
+    with pytest.raises(ConfigError, match="k_by_set"):
+        EvalConfig(k=4, k_by_set=("aime24:16",))
     with pytest.raises(ConfigError, match="temperature"):
         EvalConfig(k=4, temperature=0.0)
     with pytest.raises(ConfigError, match="k "):
@@ -137,6 +140,19 @@ def test_cli_writes_avg_and_pass_at_k_per_set(toy_model: tuple[Path, Path], tmp_
         assert 0.0 <= s["greedy_accuracy"] <= 1.0
     greedy = sum(s["greedy_accuracy"] * s["prompts"] for s in sets.values()) / 12
     assert math.isclose(result["greedy_accuracy"], greedy)
+
+
+def test_cli_k_by_set_samples_each_set_its_own_k(toy_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """The papers' evaluation takes a different k per set (AIME mean@16, MATH500 mean@1 ...)."""
+    model, data = toy_model
+    result = _cli(model, data, tmp_path / "res.json", "--k", "3", "--k-by-set", "sums=1", "--max-prompts", "4",
+                  "--grader", PARITY)
+    sets = result["sets"]
+    assert (sets["sums"]["k"], sets["toy-add"]["k"]) == (1, 3)
+    assert set(sets["sums"]["pass_at"]) == {"1"} and set(sets["toy-add"]["pass_at"]) == {"3"}
+    assert all(c <= 1 for c in sets["sums"]["correct"].values())
+    assert all(c <= 3 for c in sets["toy-add"]["correct"].values())
+    assert result["settings"]["k_by_set"] == {"sums": 1}
 
 
 def test_cli_grades_with_math_verify(toy_model: tuple[Path, Path], tmp_path: Path) -> None:

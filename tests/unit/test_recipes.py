@@ -67,6 +67,9 @@ def test_eval_sets_follow_the_scripts(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.eval.files == ("aime24", "aime25", "amc23", "math500", "dapo17k_heldout")
     assert cfg.eval.data_dir == "/prepared" and cfg.data.eval_files == ()
     assert (cfg.eval.every, cfg.eval.k, cfg.eval.temperature, cfg.eval.top_p) == (25, 4, 1.0, 1.0)
+    assert cfg.eval.set_k() == {"aime24": 4, "aime25": 4, "math500": 1, "dapo17k_heldout": 1}  # AMC23: k = 4
+    big = get_recipe("rloo__qwen2.5-math-7b__numinamath")().eval.set_k()
+    assert (big["aime24"], big["aime25"], big["math500"]) == (16, 16, 1)
     from megatron_speed.evaluate import resolve_files
 
     assert resolve_files(cfg.eval)[-1] == "/prepared/dapo17k_heldout.parquet"  # the preprocessor's file names
