@@ -11,9 +11,9 @@ from typing import Any
 from megatron_speed.bridge import llama, qwen2, qwen3
 from megatron_speed.bridge.mapping import FamilyMapping, HeadLayout, Rule, merge_qkv, split_qkv
 
-# model_type -> rules. qwen2 gains the TransformerEngine names of its norms from llama.TE_NORM_RULES.
+# model_type -> rules (qwen2 and qwen3 extend llama's, which include the TransformerEngine norm names).
 FAMILIES: dict[str, tuple[Rule, ...]] = {
-    "qwen2": qwen2.RULES + llama.TE_NORM_RULES,
+    "qwen2": qwen2.RULES,
     "llama": llama.RULES,
     "qwen3": qwen3.RULES,
 }

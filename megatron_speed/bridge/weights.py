@@ -39,7 +39,7 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 Chunks = torch.nn.Module | Sequence[torch.nn.Module]
 
 
-def _chunks(model: Chunks) -> list[torch.nn.Module]:
+def bare_chunks(model: Chunks) -> list[torch.nn.Module]:
     """The bare GPTModel chunk(s), without DDP / Float16Module wrappers."""
     chunks = list(model) if isinstance(model, Sequence) else [model]
     out = []
@@ -119,7 +119,7 @@ def load_hf_weights(model: Chunks, mapping: FamilyMapping, hf: Path | Mapping[st
     """
     with contextlib.ExitStack() as stack:
         source = _SafetensorsDir(Path(hf), stack) if isinstance(hf, (str, Path)) else hf
-        for chunk in _chunks(model):
+        for chunk in bare_chunks(model):
             for name, param in _global_params(chunk):
                 lookup = EMBEDDING if _is_tied_copy(chunk, name) else name
                 _, full = next(mapping.from_hf([lookup], source))
@@ -183,7 +183,7 @@ def export_hf_weights(model: Chunks, mapping: FamilyMapping) -> Iterator[tuple[s
     """
     from megatron.core import parallel_state as ps
 
-    local = {name: (chunk, param) for chunk in _chunks(model) for name, param in _global_params(chunk)
+    local = {name: (chunk, param) for chunk in bare_chunks(model) for name, param in _global_params(chunk)
              if not _is_tied_copy(chunk, name)}
     pp_rank, pp_group = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_group()
     for name, stage, (shape, dtype) in _pp_index(local):

@@ -18,27 +18,17 @@ from typing import Any
 import torch
 
 from megatron_speed.actor.cpu_support import cpu_megatron
+from megatron_speed.bridge.weights import bare_chunks
 
 # The distributed optimizer's only format that loads back with the torch-Adam fallback on CPU
 # (ARCHITECTURE.md); it reshards across data-parallel sizes. Ignored by the other optimizers.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-def _chunks(model: Any) -> list[Any]:
-    """The bare GPTModel chunk(s): one per virtual pipeline stage, DDP wrappers removed."""
-    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-    out = []
-    for chunk in chunks:
-        while hasattr(chunk, "module"):
-            chunk = chunk.module
-        out.append(chunk)
-    return out
-
-
 def _sharded(model: Any, optimizer: Any | None, scheduler: Any | None, *, loading: bool) -> dict[str, Any]:
     """Megatron-LM's layout: "model" (or "model0", "model1", ... with virtual pipeline stages),
     "optimizer" keyed by the model's sharded parameters, and the scheduler's plain dict."""
-    chunks = _chunks(model)
+    chunks = bare_chunks(model)
     state: dict[str, Any] = ({"model": chunks[0].sharded_state_dict()} if len(chunks) == 1 else
                              {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)})
     if optimizer is not None:
@@ -87,7 +77,7 @@ def load_megatron(directory: Path, model: Any, optimizer: Any | None = None, sch
         _prime_adam_state(optimizer)
     with cpu_megatron():
         state = dist_checkpointing.load(_sharded(model, optimizer, scheduler, loading=True), str(directory))
-        chunks = _chunks(model)
+        chunks = bare_chunks(model)
         for i, chunk in enumerate(chunks):
             with torch.no_grad():
                 missing, unexpected = chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"],
