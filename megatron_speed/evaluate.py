@@ -60,6 +60,14 @@ class SetResult:
     pass_at: dict[int, float] = field(default_factory=dict)
     correct: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def headline(self) -> tuple[str, float]:
+        """The set's one number for curves and time-to-target: avg@k when sampled, else greedy accuracy."""
+        if self.avg_at_k is not None:
+            return f"avg@{self.k}", self.avg_at_k
+        assert self.greedy_accuracy is not None  # evaluate_sets never leaves a set without a metric
+        return "greedy", self.greedy_accuracy
+
     def scalars(self) -> dict[str, float]:
         out = {} if self.greedy_accuracy is None else {f"eval/{self.name}/accuracy": self.greedy_accuracy}
         if self.avg_at_k is not None:
@@ -75,6 +83,14 @@ class EvalReport:
     sets: dict[str, SetResult]
     greedy_accuracy: float | None
     settings: dict[str, Any]
+
+    @property
+    def pooled_accuracy(self) -> float:
+        """Greedy accuracy over all prompts; without greedy decoding, the prompt-weighted mean of avg@k."""
+        if self.greedy_accuracy is not None:
+            return self.greedy_accuracy
+        prompts = sum(r.prompts for r in self.sets.values())
+        return sum(r.headline[1] * r.prompts for r in self.sets.values()) / max(prompts, 1)
 
     def scalars(self) -> dict[str, float]:
         out = {} if self.greedy_accuracy is None else {"eval/accuracy": self.greedy_accuracy}
@@ -147,8 +163,10 @@ def evaluate_sets(engine: VLLMEngine, pool: RewardPool, records: Sequence[Prompt
     One engine call per distinct k. With `replicas`, each engine replica evaluates its share of the
     prompts and every rank gets all results."""
     set_k = {r.source: (k_by_set or {}).get(r.source, k) for r in records}
-    if not greedy and not any(set_k.values()):
-        raise ValueError("nothing to evaluate: greedy is off and k < 1")
+    if not greedy and not all(set_k.values()):
+        empty = sorted(name for name, kk in set_k.items() if not kk)
+        raise ValueError(f"nothing to evaluate for {', '.join(empty)}: greedy is off and k < 1 there "
+                         "(set eval.k / eval.k_by_set >= 1 for every set, or turn eval.greedy on)")
     for name, kk in set_k.items():
         if kk and any(not 1 <= j <= kk for j in pass_ks):
             raise ValueError(f"pass@j needs 1 <= j <= k (k={kk} for set {name!r}), got {tuple(pass_ks)}")
@@ -188,9 +206,9 @@ def evaluate_sets(engine: VLLMEngine, pool: RewardPool, records: Sequence[Prompt
 
 def run_eval(engine: VLLMEngine, pool: RewardPool, records: Sequence[PromptRecord], cfg: EvalConfig, *,
              policy_version: int = 0, replicas: ReplicaLayout | None = None) -> EvalReport:
-    """The trainer's evaluation: greedy always, sampled metrics as `eval.k` asks."""
+    """The trainer's evaluation: greedy unless `eval.greedy` is off, sampled metrics as `eval.k` asks."""
     return evaluate_sets(engine, pool, records, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                         pass_ks=cfg.pass_at, policy_version=policy_version, replicas=replicas,
+                         pass_ks=cfg.pass_at, greedy=cfg.greedy, policy_version=policy_version, replicas=replicas,
                          k_by_set=cfg.set_k())
 
 

@@ -45,9 +45,10 @@ def report(cfg: Config, out_dir: Path, summary: RunSummary, *, model_path: Path,
            total_seconds: float) -> None:
     """Write summary.json and the accuracy plot, and print the one-line summary."""
     if cfg.metrics.plot:
+        sets = {f"{name} ({summary.set_metrics.get(name, '')})": curve for name, curve in summary.set_curves.items()}
         plot_accuracy_vs_time(summary.accuracy_curve, out_dir / "heldout_accuracy.png",
-                              title=f"{cfg.run.name}: held-out accuracy (greedy)",
-                              baseline=summary.warm_start_accuracy)
+                              title=f"{cfg.run.name}: held-out accuracy vs RL seconds",
+                              baseline=summary.warm_start_accuracy, sets=sets if len(sets) > 1 else None)
     record = {**asdict(summary), "gain_points": summary.gain_points, "model_path": str(model_path),
               "setup_seconds": setup_seconds,
               "total_seconds": total_seconds, "peak_memory_gib": peak_memory_gib()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -19,6 +20,7 @@ from megatron_speed.config.base import to_dict
 from megatron_speed.config.schema import Config
 from megatron_speed.curriculum.base import Curriculum, build_curriculum
 from megatron_speed.data import PromptSampler, read_many
+from megatron_speed.data.templates import apply_template
 from megatron_speed.evaluate import cap_per_set, resolve_files
 from megatron_speed.metrics import MetricsLogger
 from megatron_speed.parallel import ParallelDims, init_parallel
@@ -112,9 +114,12 @@ def prepare_model(cfg: Config) -> Path:
 
 def read_split(paths: tuple[str, ...], cfg: Config, tokenizer: Any, *, max_prompt_tokens: int,
                name: str, counts: dict[str, float]) -> list[PromptRecord]:
-    """Read one split; skipped rows are logged and counted in `counts` (strict mode raises instead)."""
-    records, report = read_many(paths, count_tokens=lambda s: len(tokenizer.encode(s)),
+    """Read one split, each prompt in `data.prompt_template` (its length checked as templated);
+    skipped rows are logged and counted in `counts` (strict mode raises instead)."""
+    template = cfg.data.prompt_template
+    records, report = read_many(paths, count_tokens=lambda s: len(tokenizer.encode(apply_template(template, s))),
                                 max_prompt_tokens=max_prompt_tokens, strict=cfg.data.strict)
+    records = [dataclasses.replace(r, prompt=apply_template(template, r.prompt)) for r in records]
     log.info("%s prompts: %d kept; %s", name, len(records), report.summary())
     counts[f"data/{name}_prompts"] = float(len(records))
     counts[f"data/{name}_skipped"] = float(report.skipped)
@@ -152,7 +157,7 @@ def build(cfg: Config) -> Components:
                         seed=cfg.rollout.seed + replicas.replica, rank=replicas.replica)
     actor = MegatronActor(hf_path, model_cfg=cfg.model, optim_cfg=cfg.optim, algorithm_cfg=cfg.algorithm,
                           temperature=cfg.rollout.temperature, horizon=cfg.rollout.max_new_tokens,
-                          total_steps=cfg.run.steps * cfg.trajectories_per_step // cfg.optim.mini_batch_size,
+                          total_steps=cfg.schedule_steps,
                           tp=dims.tp, pp=dims.pp)
     sampler = PromptSampler(train, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

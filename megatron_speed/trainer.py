@@ -10,7 +10,7 @@ import json
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,15 @@ from megatron_speed.setup import Components
 @dataclass(frozen=True)
 class RunSummary:
     steps: int
-    seconds: float  # RL wall-clock: generation, scoring, training, refit (evaluation excluded)
+    seconds: float  # RL wall-clock: generation, scoring, training, refit (evaluation and saving excluded)
     eval_seconds: float
     warm_start_accuracy: float
     final_accuracy: float
-    accuracy_curve: list[tuple[float, float]]  # (wall seconds since start of RL, held-out accuracy)
+    accuracy_curve: list[tuple[float, float]]  # (RL seconds, pooled held-out accuracy: see EvalReport)
+    # Per held-out set: (RL seconds, its headline metric), and which metric that is ("avg@16", "greedy").
+    set_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    set_metrics: dict[str, str] = field(default_factory=dict)
+    save_seconds: float = 0.0  # checkpoints and HF exports, excluded from `seconds` as upstream does
 
     @property
     def gain_points(self) -> float:
@@ -53,7 +57,12 @@ class Trainer:
         self.curve: list[tuple[float, float]] = []
         self.started = 0.0
         self.last_eval_step = 0
-        self.eval_seconds = 0.0  # excluded from the RL clock, as the papers' "pure training" time
+        # Evaluation and saving (checkpoints, HF exports) are excluded from the RL clock, as the
+        # papers' "pure training" hours exclude validation and `save_checkpoint`.
+        self.eval_seconds = 0.0
+        self.save_seconds = 0.0
+        self.set_curves: dict[str, list[tuple[float, float]]] = {}
+        self.set_metrics: dict[str, str] = {}
         self.eval_scalars: dict[str, float] = {}  # the latest evaluation's metrics (evaluate.py)
         self.warm = 0.0  # held-out accuracy before RL (restored on resume)
         self.stop_step = parts.cfg.run.steps  # the last step this process runs (see fit's stop_after)
@@ -67,7 +76,7 @@ class Trainer:
         if p.resume_from is None:
             self.warm = self.evaluate()
             p.logger.log(0, {**self.eval_scalars, **p.data_metrics})
-        warm, groups, faults = self.warm, [], Counter()
+        groups, faults = [], Counter()
         self.stop_step = cfg.run.steps if stop_after is None else min(cfg.run.steps, step + stop_after)
         while step < self.stop_step and not self._out_of_time():
             with self.timer("generate"):  # this engine replica's share of the call (all of it on one rank)
@@ -93,15 +102,18 @@ class Trainer:
             self.maybe_save(step)
             groups, faults = [], Counter()
         if step < cfg.run.steps and not self._out_of_time():  # paused by stop_after: the run is not over
-            return RunSummary(steps=step, seconds=self._rl_seconds(), eval_seconds=self.eval_seconds,
-                              warm_start_accuracy=warm, final_accuracy=self.curve[-1][1],
-                              accuracy_curve=list(self.curve))
+            return self.summary(step, final=self.curve[-1][1])
         final = self.curve[-1][1] if self.last_eval_step == step else self.evaluate()
         if self.last_eval_step != step:
             p.logger.log(step, self.eval_scalars)
-        p.save_hf("final")
+        self.save_hf("final")
+        return self.summary(step, final=final)
+
+    def summary(self, step: int, *, final: float) -> RunSummary:
         return RunSummary(steps=step, seconds=self._rl_seconds(), eval_seconds=self.eval_seconds,
-                          warm_start_accuracy=warm, final_accuracy=final, accuracy_curve=list(self.curve))
+                          warm_start_accuracy=self.warm, final_accuracy=final, accuracy_curve=list(self.curve),
+                          set_curves={k: list(v) for k, v in self.set_curves.items()},
+                          set_metrics=dict(self.set_metrics), save_seconds=self.save_seconds)
 
     def train_step(self, batch: TrainBatch, token_adv: torch.Tensor) -> dict[str, float]:
         """Recompute old log-probs with the actor, then PPO-clip updates over the batch."""
@@ -139,9 +151,17 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report.to_json(), indent=2))
         self.eval_scalars = report.scalars()
-        acc = float(report.greedy_accuracy or 0.0)
-        self.curve.append((self._rl_seconds(), acc))
+        now, acc = self._rl_seconds(), float(report.pooled_accuracy)
+        self.curve.append((now, acc))
+        for name, result in report.sets.items():
+            self.set_metrics[name], value = result.headline
+            self.set_curves.setdefault(name, []).append((now, value))
         return acc
+
+    def save_hf(self, tag: str) -> None:
+        started = time.perf_counter()
+        self.parts.save_hf(tag)
+        self.save_seconds += time.perf_counter() - started
 
     def log(self, step: int, groups: list[RolloutGroup], train_groups: list[RolloutGroup], batch: TrainBatch,
             stats: dict[str, float], scoring: dict[str, float]) -> None:
@@ -154,7 +174,7 @@ class Trainer:
             scalars.update(self.eval_scalars)
             self.last_eval_step = step
         if cfg.run.save_hf_every and step % cfg.run.save_hf_every == 0:
-            self.parts.save_hf(f"step_{step:06d}")
+            self.save_hf(f"step_{step:06d}")
         logger.log_histogram(step, "rollout/pass_rate", [g.pass_rate for g in train_groups])
         logger.log(step, scalars)
 
@@ -165,15 +185,17 @@ class Trainer:
         return {"step": step, "actor_version": p.actor.version, "engine_calls": p.engine.calls,
                 "curriculum": p.curriculum.state_dict(), "history": p.logger.history, "curve": self.curve,
                 "warm_start_accuracy": self.warm, "last_eval_step": self.last_eval_step,
-                "eval_seconds": self.eval_seconds, "rl_seconds": self._rl_seconds()}
+                "eval_seconds": self.eval_seconds, "save_seconds": self.save_seconds,
+                "set_curves": self.set_curves, "set_metrics": self.set_metrics, "rl_seconds": self._rl_seconds()}
 
     def maybe_save(self, step: int) -> None:
         every = self.cfg.run.save_every
         if every and (step % every == 0 or step == self.stop_step):
-            p = self.parts
+            p, started = self.parts, time.perf_counter()
             save_checkpoint(checkpoints_root(p.out_dir), step, actor=p.actor, hf_src=p.hf_path,
                             trainer_state=self.state_dict(step), keep_last=self.cfg.run.keep_last,
                             layout={"world_size": p.dims.world_size, "tp": p.dims.tp, "pp": p.dims.pp})
+            self.save_seconds += time.perf_counter() - started
 
     def resume(self, path: Path) -> int:
         """Restore actor, engine weights, curriculum, RNG streams and logs from `path`; returns its step."""
@@ -184,13 +206,16 @@ class Trainer:
         p.logger.history[:] = state["history"]
         self.curve, self.warm = list(state["curve"]), state["warm_start_accuracy"]
         self.last_eval_step, self.eval_seconds = state["last_eval_step"], state["eval_seconds"]
-        self.started = time.perf_counter() - state["rl_seconds"] - self.eval_seconds
+        self.save_seconds = state.get("save_seconds", 0.0)
+        self.set_curves = {k: [tuple(p) for p in v] for k, v in state.get("set_curves", {}).items()}
+        self.set_metrics = dict(state.get("set_metrics", {}))
+        self.started = time.perf_counter() - state["rl_seconds"] - self.eval_seconds - self.save_seconds
         p.engine.sleep()  # the fresh engine holds the initial weights: refit in the usual order
         self.refit()
         return int(state["step"])
 
     def _rl_seconds(self) -> float:
-        return time.perf_counter() - self.started - self.eval_seconds
+        return time.perf_counter() - self.started - self.eval_seconds - self.save_seconds
 
     def _out_of_time(self) -> bool:
         limit = self.cfg.run.max_wall_seconds

@@ -242,7 +242,9 @@ class MegatronActor:
     def train_step(self, tokens: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor,
                    token_advantages: torch.Tensor) -> dict[str, float]:
         """One RL step: optimizer updates over mini-batches of `optim.mini_batch_size` trajectories
-        (of the full batch; each data-parallel rank trains on its share of every mini-batch)."""
+        (of the full batch; each data-parallel rank trains on its share of every mini-batch). The LR
+        schedule advances after every update or once at the end, as `optim.lr_schedule_unit` says;
+        the returned "lr" is the mean LR the step's updates used."""
         stats: dict[str, float] = {}
         size = self.optim_cfg.mini_batch_size
         ref = self.compute_logprobs(tokens, reference=True, mask=mask) if self.reference is not None else None
@@ -257,6 +259,8 @@ class MegatronActor:
             for key, value in self._optimizer_step(mbs).items():
                 stats[key] = stats.get(key, 0.0) + value
         updates = math.ceil(tokens.shape[0] / size)
+        if self.optim_cfg.lr_schedule_unit == "rl_step":
+            self.scheduler.step(increment=1)
         self.version += 1
         return {k: (v / updates if k in ("loss", "grad_norm", "lr") else v) for k, v in stats.items()}
 
@@ -291,7 +295,8 @@ class MegatronActor:
             _, grad_norm, _ = self.optimizer.step()
             if grad_norm is not None and not math.isfinite(grad_norm):
                 raise TrainingDiverged(f"gradient norm is {grad_norm} at actor step {self.version}")
-            self.scheduler.step(increment=1)
+            if self.optim_cfg.lr_schedule_unit == "optimizer_step":
+                self.scheduler.step(increment=1)
         denominator = max(sums.pop("loss_den"), 1.0)
         return {"loss": sums.pop("loss_num") / denominator, "grad_norm": float(grad_norm or 0.0),
                 "lr": self.optimizer.param_groups[0]["lr"], **sums}

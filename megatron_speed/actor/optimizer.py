@@ -12,7 +12,10 @@ from megatron_speed.config.schema import OptimConfig
 def build_optimizer(model: Any | list[Any], cfg: OptimConfig, *, total_steps: int, bf16: bool) -> tuple[Any, Any]:
     """Megatron's Adam over the DDP-wrapped model chunk(s), and a warm-up + cosine-to-min_lr schedule.
 
-    The schedule advances once per optimizer step; `total_steps` counts optimizer steps.
+    `total_steps` is the schedule's length in its own unit (`optim.lr_schedule_unit`); the actor
+    advances it once per optimizer update or once per RL step accordingly. With warm-up the LR at
+    schedule step k < warm-up is lr * k / warm-up (0 at the first step), as verl's
+    `get_constant_schedule_with_warmup`.
     """
     import torch
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer

@@ -71,9 +71,17 @@ class DataConfig(Section):
     eval_files: tuple[str, ...] = ()
     toy: ToyTaskConfig | None = None
     strict: bool = False  # True: a bad row stops the run with its file and row; False: skip + count
+    # A named prompt template (data/templates.py) applied to every train and held-out prompt as it is
+    # read, e.g. "qwen-math" (JSPO's system turn); "" = the prepared prompt text as is.
+    prompt_template: str = ""
     shuffle: bool = True
 
     def check(self) -> None:
+        from megatron_speed.data.templates import PROMPT_TEMPLATES
+
+        require(not self.prompt_template or self.prompt_template in PROMPT_TEMPLATES, "prompt_template",
+                self.prompt_template, f"is not a known template ({', '.join(sorted(PROMPT_TEMPLATES))})",
+                "use one of those names, or \"\" for the prepared prompt as is")
         require(bool(self.train_files) or self.toy is not None, "train_files", self.train_files,
                 "is empty and no toy task is configured", "set data.train_files=[path.jsonl] or use the toy_cpu recipe")
 
@@ -190,8 +198,10 @@ class CurriculumConfig(Section):
     with `n_continue` more; a step trains on `prompts_per_step` groups of `n_init + n_continue`
     responses (the screening responses are reused, as published). `rollout.n` is not used.
     "dapo": DAPO dynamic sampling. Each call samples `dapo_prompts_per_call` prompts with `rollout.n`
-    responses and keeps the groups whose rewards are not all equal; the surplus is buffered for later
-    steps (verl discards it).
+    responses and keeps the groups whose rewards are not all equal. `dapo_surplus` says what happens
+    to the kept groups beyond `prompts_per_step`: "keep" buffers them for the next steps (ours: no
+    generated sample is wasted, at one policy version of staleness) or "discard" drops them as verl's
+    DAPO trainer does (every trained group is from the current policy; the paper baselines use it).
     """
 
     name: Literal["none", "speed", "dapo"] = "none"
@@ -201,6 +211,7 @@ class CurriculumConfig(Section):
     screen_prompts_per_call: int = 128  # SPEED: new prompts screened per call (paper: 64 for 16/step)
     max_staleness: int = 0  # 0 = unlimited; else drop buffered groups more policy versions old than this
     dapo_prompts_per_call: int = 96  # DAPO: prompts sampled per call (verl's gen_batch_size)
+    dapo_surplus: Literal["keep", "discard"] = "keep"  # DAPO: kept groups beyond the batch (see above)
     max_calls_per_step: int = 50  # generation calls in a row without a batch before an error; 0 = no limit
     warn_after_calls: int = 5  # warn every this many calls without a batch; 0 = never
 
@@ -293,6 +304,10 @@ class OptimConfig(Section):
     adam_beta2: float = 0.999
     clip_grad: float = 1.0
     mini_batch_size: int = 256  # trajectories per optimizer step
+    # What one step of the LR schedule (warm-up, decay) counts: "optimizer_step" (megatron's own
+    # convention) or "rl_step" (verl's: its scheduler steps once per RL step, however many optimizer
+    # updates the step makes; the paper recipes use it).
+    lr_schedule_unit: Literal["optimizer_step", "rl_step"] = "optimizer_step"
     micro_batch_size: int = 64  # trajectories per forward/backward
     micro_batch_tokens: int = 0  # dynamic batching: rows x padded length per micro-batch; 0 = micro_batch_size rows
     use_distributed_optimizer: bool = False  # megatron's ZeRO-1: optimizer state sharded over data parallelism
@@ -330,6 +345,9 @@ class EvalConfig(Section):
     top_p: float = 0.95
     pass_at: tuple[int, ...] = ()  # the j of pass@j; empty = (k,) per set
     k_by_set: tuple[str, ...] = ()  # "set=K" entries overriding k for one set, e.g. ("aime24=16", "math500=1")
+    # Greedy decoding of every held-out prompt. The papers sample only (their mean@k at T = 1.0), so
+    # their recipes turn it off; a sampled set's headline metric is then its avg@k.
+    greedy: bool = True
 
     def set_k(self) -> dict[str, int]:
         """`k_by_set` as {set name: k} (validated by `check`)."""
@@ -348,6 +366,9 @@ class EvalConfig(Section):
             name, _, kk = entry.rpartition("=")
             require(bool(name.strip()) and kk.isdigit(), "k_by_set", self.k_by_set,
                     f"entry {entry!r} is not SET=K", "write entries like aime24=16 (K >= 0; 0 = greedy only)")
+        require(self.greedy or self.k >= 1, "greedy", self.greedy,
+                "is off while eval.k = 0: a set without samples would have no metric at all",
+                "set eval.k >= 1 (or eval.greedy=true)")
         ks = [kk for kk in (self.k, *self.set_k().values()) if kk]
         require(all(1 <= j <= min(ks, default=0) for j in self.pass_at), "pass_at", self.pass_at,
                 f"must hold values in 1..k for every sampled set (smallest k = {min(ks, default=0)})",
@@ -378,6 +399,17 @@ class Config(Section):
     @property
     def trajectories_per_step(self) -> int:
         return self.curriculum.prompts_per_step * self.curriculum.samples_per_prompt(self.rollout.n)
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per RL step (validated: the mini-batch divides the step's trajectories)."""
+        return self.trajectories_per_step // self.optim.mini_batch_size
+
+    @property
+    def schedule_steps(self) -> int:
+        """Length of the LR schedule in its own unit (`optim.lr_schedule_unit`) for `run.steps` RL steps."""
+        per_step = 1 if self.optim.lr_schedule_unit == "rl_step" else self.updates_per_step
+        return self.run.steps * per_step
 
     def check(self) -> None:
         cur = self.curriculum

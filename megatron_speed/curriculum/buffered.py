@@ -12,7 +12,7 @@ Invariants kept here:
   request, in request order, and `update()` checks the prompt, phase and size of each;
 - plan() and update() strictly alternate; a state saved between them re-issues the same call;
 - every generated sample ends up in exactly one place: an emitted batch, a buffer, a counted
-  rejection or a counted stale drop (`Tally`).
+  rejection, a counted stale drop or a counted discarded surplus (`Tally`).
 
 Deliberately left out: anything that talks to the engine, the grader or torch.distributed.
 """
@@ -73,6 +73,8 @@ class Tally:
     samples_rejected: int = 0
     groups_stale: int = 0
     samples_stale: int = 0
+    groups_discarded: int = 0  # kept groups dropped after a batch was emitted (DAPO "discard" surplus)
+    samples_discarded: int = 0
     groups_emitted: int = 0
     samples_emitted: int = 0
 
@@ -191,6 +193,7 @@ class BufferedCurriculum:
                "curriculum/calls_for_batch": float(last.calls_for_batch),
                "curriculum/dropped_stale_groups": float(t.groups_stale),
                "curriculum/dropped_stale_samples": float(t.samples_stale),
+               "curriculum/discarded_surplus_groups": float(t.groups_discarded),
                "curriculum/rejected_all_correct": float(t.rejected_all_correct),
                "curriculum/rejected_all_wrong": float(t.rejected_all_wrong)}
         for phase in self.phases():
@@ -267,6 +270,13 @@ class BufferedCurriculum:
 
     def _make_ready(self, request_id: int, group: RolloutGroup) -> None:
         self._ready.append((request_id, group))
+
+    def _discard_ready(self) -> None:
+        """Drop every ready group, counted as discarded surplus."""
+        for _, group in self._ready:
+            self.tally.groups_discarded += 1
+            self.tally.samples_discarded += len(group.completions)
+        self._ready.clear()
 
     # ------------------------------------------------------------------ internals
 

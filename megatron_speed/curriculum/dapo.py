@@ -2,10 +2,12 @@
 
 Each generation call samples `dapo_prompts_per_call` new prompts with `rollout.n` responses
 ("train" requests). Groups with `has_reward_spread(rewards)` are queued FIFO; a step trains on the
-oldest `prompts_per_step` of them. Unlike verl, which truncates to the train batch and discards
-the rest, the surplus is kept for later steps (bounded by `max_staleness` if set); while it holds a
-full batch no new prompts are sampled. Zero-spread
-groups are dropped and counted as all-correct or all-wrong.
+oldest `prompts_per_step` of them. Zero-spread groups are dropped and counted as all-correct or
+all-wrong. What happens to the kept groups beyond the batch is `curriculum.dapo_surplus`:
+- "discard" (verl's DAPO trainer): they are dropped and counted once the batch is emitted, so every
+  step starts from an empty buffer and trains only on samples of the current policy;
+- "keep" (ours): they wait for later steps (bounded by `max_staleness` if set), and while they fill
+  a batch no new prompts are sampled; no generated sample is wasted, at one version of staleness.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ class DynamicSamplingCurriculum(BufferedCurriculum):
         if len(self._ready) >= self.cfg.prompts_per_step:
             return []
         return [self._ticket(p, self.n, "train") for p in self.sampler.next(self.cfg.dapo_prompts_per_call)]
+
+    def _emit(self) -> list[RolloutGroup] | None:
+        batch = super()._emit()
+        if batch is not None and self.cfg.dapo_surplus == "discard":
+            self._discard_ready()
+        return batch
 
     def _absorb(self, ticket: Ticket, group: RolloutGroup) -> None:
         kept = has_reward_spread(group.rewards)

@@ -44,13 +44,19 @@ def _hline(ax: Axes, y: float | None, label: str, color: str) -> None:
 
 
 def plot_accuracy_vs_time(points: Sequence[tuple[float, float]], path: Path, *, title: str,
-                          baseline: float | None) -> Path:
-    """One run's held-out accuracy over wall-clock seconds; `baseline` (the warm-start accuracy)
-    is drawn as a dashed horizontal line when given."""
+                          baseline: float | None,
+                          sets: Mapping[str, Sequence[tuple[float, float]]] | None = None) -> Path:
+    """One run's held-out accuracy over wall-clock seconds: the pooled curve `points` and, when there
+    are several held-out sets, one curve per set (`sets`: label -> points, e.g. "aime24 (avg@16)");
+    `baseline` (the warm-start accuracy) is drawn as a dashed horizontal line when given."""
     fig, ax = _new_axes(title)
     if points:
         xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", markersize=3, label="held-out accuracy")
+        ax.plot(xs, ys, marker="o", markersize=3, label="held-out accuracy (pooled)" if sets else "held-out accuracy")
+    for label, set_points in (sets or {}).items():
+        if set_points:
+            xs, ys = zip(*set_points, strict=True)
+            ax.plot(xs, ys, marker=".", markersize=3, linewidth=1.0, label=label)
     _hline(ax, baseline, f"warm start ({baseline:.3f})" if baseline is not None else "", "gray")
     return _save(fig, ax, path)
 

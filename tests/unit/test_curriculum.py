@@ -135,7 +135,7 @@ def buffered_ids(state: dict[str, Any]) -> list[int]:
 
 
 def check_conservation(d: Driver, rejected: list[int]) -> None:
-    """Every generated sample is in exactly one batch, buffer or counted rejection/stale drop."""
+    """Every generated sample is in exactly one batch, buffer or counted rejection/stale drop/discard."""
     emitted = [s for _, b in d.batches for g in b for s in sample_ids(g)]
     state = d.curriculum.state_dict()
     buffered = buffered_ids(state)
@@ -145,9 +145,11 @@ def check_conservation(d: Driver, rejected: list[int]) -> None:
     tally = state["tally"]
     assert tally["samples_generated"] == len(d.engine.origin)
     assert tally["samples_emitted"] == len(emitted) and tally["samples_rejected"] == len(rejected)
-    assert len(d.engine.origin) - len(placed) == tally["samples_stale"]
+    assert len(d.engine.origin) - len(placed) == tally["samples_stale"] + tally["samples_discarded"]
     if not d.curriculum.cfg.max_staleness:  # type: ignore[attr-defined]
         assert tally["samples_stale"] == 0
+    if getattr(d.curriculum.cfg, "dapo_surplus", "keep") == "keep" or d.curriculum.cfg.name != "dapo":  # type: ignore[attr-defined]
+        assert tally["samples_discarded"] == 0
 
 
 def check_fifo(d: Driver, key: str) -> None:
@@ -442,6 +444,36 @@ def test_dapo_keeps_the_surplus_for_the_next_step() -> None:
     assert d.curriculum.metrics()["curriculum/ready_groups"] == len(kept) - 2 > 0
     second = d.step()
     assert second is not None and [sample_ids(g) for g in second] == [sample_ids(g) for g in kept[2:4]]
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(2, 6), per_step=st.integers(1, 4), per_call=st.integers(1, 8), probs=probabilities,
+       calls=st.integers(1, 12))
+def test_dapo_discard_mode_never_trains_a_stale_group(n: int, per_step: int, per_call: int, probs: list[float],
+                                                      calls: int) -> None:
+    """verl's DAPO: the kept groups beyond the batch are dropped, so every trained group comes from the
+    policy being trained (age 0) and each step starts from an empty buffer."""
+    d = make("dapo", probs, n=n, prompts_per_step=per_step, dapo_prompts_per_call=per_call, dapo_surplus="discard")
+    d.run(calls)
+    for version, batch in d.batches:
+        assert all(g.policy_version == version for g in batch)
+    tally = d.curriculum.state_dict()["tally"]
+    kept = sum(has_reward_spread(g.rewards) for groups in d.engine.calls for g in groups)
+    buffered = len(d.curriculum.state_dict()["ready"])
+    assert tally["groups_discarded"] == kept - len(d.batches) * per_step - buffered
+    check_conservation(d, dapo_rejected(d))
+    check_fifo(d, "dapo-discard")
+
+
+def test_dapo_discard_drops_the_surplus_and_samples_again() -> None:
+    d = make("dapo", [0.5] * 16, prompts_per_step=2, dapo_prompts_per_call=8, dapo_surplus="discard")
+    first = d.step()
+    kept = [g for g in d.engine.calls[0] if has_reward_spread(g.rewards)]
+    assert first is not None and len(kept) > 2
+    metrics = d.curriculum.metrics()
+    assert metrics["curriculum/ready_groups"] == 0 and metrics["curriculum/discarded_surplus_groups"] == len(kept) - 2
+    d.step()
+    assert len(d.engine.calls[1]) == 8  # the next step samples new prompts instead of using the surplus
 
 
 # ------------------------------------------------------------------ config

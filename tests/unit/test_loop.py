@@ -40,7 +40,7 @@ def _bad_prompts(path: Path) -> Path:
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("loop")
     bad = _bad_prompts(tmp / "bad.jsonl")
-    cfg = load_config("toy_cpu", _overrides(tmp, f"data.train_files=[{bad}]"))
+    cfg = load_config("toy_cpu", _overrides(tmp, f"data.train_files=[{bad}]", "run.save_hf_every=2"))
     summary = run(cfg)
     assert summary.steps == 2
     return tmp / "toy_cpu"
@@ -72,6 +72,10 @@ def test_summary_and_hf_export(finished_run: Path) -> None:
 
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["steps"] == 2 and 0 <= summary["final_accuracy"] <= 1
+    # per-set curves (one point per evaluation), and saving is kept off the RL clock
+    assert summary["set_metrics"] == {"toy-add": "greedy"}
+    assert [t for t, _ in summary["set_curves"]["toy-add"]] == [t for t, _ in summary["accuracy_curve"]]
+    assert summary["save_seconds"] > 0 and (finished_run / "hf" / "step_000002").is_dir()
     model = AutoModelForCausalLM.from_pretrained(finished_run / "hf" / "final")
     assert model.config.model_type == "qwen2"
 

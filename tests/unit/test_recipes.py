@@ -67,9 +67,12 @@ def test_eval_sets_follow_the_scripts(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.eval.files == ("aime24", "aime25", "amc23", "math500", "dapo17k_heldout")
     assert cfg.eval.data_dir == "/prepared" and cfg.data.eval_files == ()
     assert (cfg.eval.every, cfg.eval.k, cfg.eval.temperature, cfg.eval.top_p) == (25, 4, 1.0, 1.0)
-    assert cfg.eval.set_k() == {"aime24": 4, "aime25": 4, "math500": 1, "dapo17k_heldout": 1}  # AMC23: k = 4
+    # the k of the papers' metrics files (speed-rl 3a440be metrics_summary/1.5B-Math-*-dataDAPO-*)
+    assert cfg.eval.set_k() == {"aime24": 16, "aime25": 16, "amc23": 4, "math500": 1, "dapo17k_heldout": 1}
     big = get_recipe("rloo__qwen2.5-math-7b__numinamath")().eval.set_k()
-    assert (big["aime24"], big["aime25"], big["math500"]) == (16, 16, 1)
+    assert (big["aime24"], big["aime25"], big["amc23"], big["math500"]) == (16, 16, 4, 1)
+    numina = get_recipe("speed_rloo__qwen2.5-math-1.5b__numinamath")().eval.set_k()  # 1.5B-Math-*-RLOO-Numina-*
+    assert (numina["aime24"], numina["amc23"]) == (4, 1)
     from megatron_speed.evaluate import resolve_files
 
     assert resolve_files(cfg.eval)[-1] == "/prepared/dapo17k_heldout.parquet"  # the preprocessor's file names
