@@ -4,14 +4,17 @@
     python examples/data_preprocess/prepare.py DATASET [--input FILE] --out-dir DIR
                                                [--chat-template --tokenizer DIR]
 
-DATASET is one of deepscaler, dapo17k, numinamath, math500, amc23, aime24, aime25 (schemas and their
-sources: megatron_speed/data/sources.py). `--input` reads a local .jsonl/.json/.parquet in the
+DATASET is one of deepscaler, dapo17k, numinamath, math500, amc23, amc2023, aime24, aime25 (schemas
+and their sources: megatron_speed/data/sources.py; amc23 is the papers' 83-problem AMC 2022 + 2023
+set, amc2023 its 40 AMC 2023 problems). `--input` reads a local .jsonl/.json/.parquet in the
 dataset's published schema; without it the dataset is loaded from the hub with `datasets` (not a
 dependency of this project). dapo17k writes two files: dapo17k.parquet (training) and
 dapo17k_heldout.parquet (`--heldout-size` prompts, chosen by a hash of the problem text, so the
 split does not change with row order). Bad rows (missing fields, empty or unverifiable answers,
 duplicates) are skipped; the counts per reason and the first rows' file and row numbers are printed
-and written to `<out-dir>/<name>.report.json`.
+and written to `<out-dir>/<name>.report.json`. An input that is another dataset altogether (e.g.
+math-ai/amc23's 40 problems given as amc23) stops with an error, and a benchmark that comes out at
+another size than its published one (amc23 83, amc2023 40, math500 500, aime24/25 30) gets a warning.
 
 Prompts are the problem followed by `--instruction` (default: "Let's think step by step and output
 the final answer within \\boxed{}."). With `--chat-template` the text becomes one user turn of the
@@ -29,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from megatron_speed.data.dataset import SkipReport
 from megatron_speed.data.prepare import parse_rows, split_heldout, to_prompt_rows, write_parquet
-from megatron_speed.data.sources import INSTRUCTION, SOURCES, file_rows, hub_rows
+from megatron_speed.data.sources import INSTRUCTION, SOURCES, SourceMismatch, file_rows, hub_rows
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -65,7 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     label = args.input.name if args.input else f"hf:{source.hub}"
     rows = file_rows(args.input) if args.input else hub_rows(source)
     report = SkipReport(max_examples=20)
-    problems = parse_rows(source, rows, label, report)
+    try:
+        problems = parse_rows(source, rows, label, report)
+    except SourceMismatch as err:
+        print(f"error: {label} is not the {source.name} dataset: {err}", file=sys.stderr)
+        return 2
+    if source.expected is not None and len(problems) != source.expected:
+        print(f"warning: {source.name} has {source.expected} problems as published ({source.hub}); "
+              f"{label} gave {len(problems)}", file=sys.stderr)
     splits = {source.name: problems}
     if source.name == "dapo17k":
         if not 0 <= args.heldout_size < len(problems):

@@ -19,10 +19,15 @@ Edge cases (each a deliberate definition, tested):
 - Empty groups are ignored: they are not prompts and count nowhere.
 - A group of size 1 has no RLOO part; its baseline is μ_{-i} (effective λ = 1, the weight
   `js_shrinkage` reports for it), and it adds no variance term to the other prompts' v_{-i}
-  (neither to the sum nor to the count), while its mean does enter their μ_{-i} and s_{-i}.
-- No other non-empty prompt (a single group): λ = 0, i.e. plain RLOO (A = r for a lone size-1
-  group). The authors' code falls back to statistics that include the prompt itself, which biases
-  the baseline; this is a deliberate difference.
+  (neither to the sum nor to the count), while its mean does enter their μ_{-i} and s_{-i}. (The
+  authors' code takes equal groups of m = batch // prompts samples and asserts m >= 2.)
+- No other non-empty prompt (a single group, n = 1): λ = 0, i.e. plain RLOO (A = r for a lone
+  size-1 group). The authors' code has no usable answer here: its `compute_jspo_outcome_advantage`
+  (JSPO-Official 3f8539d) computes λ from the prompt's own statistics (s = 0, so λ = v/(v+eps):
+  ≈ 1 for a group with spread, 0 for an all-equal one), but its leave-one-prompt-out batch mean is
+  the mean of an empty tensor, NaN, and (1-λ)·RLOO + λ·NaN is NaN even at λ = 0, so every advantage
+  of the batch is NaN (checked by running that function on one group of 4 rewards). We fall back
+  to RLOO instead; the result differs from upstream only where upstream's is NaN.
 - All-equal groups (e.g. all-0 or all-1): the RLOO part is r̄, so A = λ_i (r̄ - μ_{-i}), not 0.
   They add 0 to the others' v_{-i} and their mean to the others' μ_{-i} and s_{-i} (§2.3).
 - Zero spread and zero noise (v + s = 0): eps keeps λ = 0 finite; no NaN anywhere.

@@ -15,14 +15,19 @@ is easy to check against:
   the last `\\boxed{}` of the solution (the 1.5 `answer` column when there is none), kept only when
   math-verify parses it to a constant: a number or an expression without free symbols.
 - math500: HuggingFaceH4/MATH-500, `test` split: `problem, solution, answer, subject, level, unique_id`.
-- amc23: AI-MO/aimo-validation-amc (`id, problem, answer` (a float), `url`), restricted to the rows
-  whose url names 2023 (as SkyThought's AMC23 task does), or math-ai/amc23 (`id, question, answer`).
+- amc23: AI-MO/aimo-validation-amc (`id, problem, answer` (a float), `url`), all 83 rows: AMC 12
+  2022 and 2023, the set the SPEED-RL and JSPO papers evaluate as "AMC23" (their metrics count 83
+  problems: 22/83 at mean@1, 79/332 at mean@4). A file in math-ai/amc23's schema (`question`, no
+  `problem`) is refused with `SourceMismatch`: it holds only the 40 AMC 2023 problems (amc2023).
+- amc2023: the 40 AMC 2023 problems: the aimo-validation-amc rows whose url names 2023 (as
+  SkyThought's AMC23 task selects them), or math-ai/amc23 (`id, question, answer`; all 2023).
 - aime24: HuggingFaceH4/aime_2024 (`id, problem, solution, answer, url, year`) or
   Maxwell-Jia/AIME_2024 (`ID, Problem, Solution, Answer`).
 - aime25: opencompass/AIME2025, configs `AIME2025-I` and `AIME2025-II`, `{question, answer}` jsonl,
   or yentinglin/aime_2025 (`id, problem, solution, answer, url, year`).
 
-A bad row raises `RowError` with a reason (counted by the caller, with file and row). Deliberately
+A bad row raises `RowError` with a reason (counted by the caller, with file and row); a row that
+shows the whole file is another dataset raises `SourceMismatch` (the caller stops). Deliberately
 left out: downloading (see `examples/data_preprocess/prepare.py`) and anything tokenizer-specific
 beyond applying a chat template to the finished prompt text.
 """
@@ -58,6 +63,10 @@ class RowError(ValueError):
         self.reason = reason
 
 
+class SourceMismatch(ValueError):
+    """The input is another dataset than the one asked for (not one bad row): preparing must stop."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One verifiable problem before prompt formatting; `key` is the source's own id, if it has one."""
@@ -76,6 +85,7 @@ class Source:
     hub: str
     hub_configs: tuple[str | None, ...] = (None,)
     split: str = "train"
+    expected: int | None = None  # problems in the published set, where it is a fixed benchmark
 
 
 def _field(row: Mapping[str, Any], *names: str) -> Any:
@@ -181,11 +191,27 @@ def parse_numina(row: Mapping[str, Any]) -> Problem:
     return Problem(key="", problem=problem.strip(), answer=answer)
 
 
+def _is_math_ai_amc23(row: Mapping[str, Any]) -> bool:
+    """math-ai/amc23 names its problem column `question`; aimo-validation-amc names it `problem`."""
+    return row.get("problem") is None and row.get("question") is not None
+
+
 def parse_amc23(row: Mapping[str, Any]) -> Problem:
-    """aimo-validation-amc mixes AMC 2022 and 2023; its url says which (math-ai/amc23 has no url)."""
-    url = row.get("url")
-    if isinstance(url, str) and "2023" not in url:
-        raise RowError(NOT_SELECTED, "url is not an AMC 2023 problem")
+    """Every aimo-validation-amc row (AMC 2022 and 2023): the papers' 83-problem "AMC23"."""
+    if _is_math_ai_amc23(row):
+        raise SourceMismatch(
+            "this file is in math-ai/amc23's schema (`question`), which holds only the 40 AMC 2023 "
+            "problems; amc23 is the papers' 83-problem AMC 2022 + 2023 set, AI-MO/aimo-validation-amc "
+            "(`id, problem, answer, url`): pass that file, or prepare this one as amc2023")
+    return _problem(row)
+
+
+def parse_amc2023(row: Mapping[str, Any]) -> Problem:
+    """The AMC 2023 problems: aimo-validation-amc rows whose url names 2023, or any math-ai/amc23 row."""
+    if not _is_math_ai_amc23(row):
+        url = row.get("url")
+        if not isinstance(url, str) or "2023" not in url:
+            raise RowError(NOT_SELECTED, f"url {url!r} does not name an AMC 2023 problem")
     return _problem(row)
 
 
@@ -193,11 +219,12 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("deepscaler", parse_deepscaler, hub="agentica-org/DeepScaleR-Preview-Dataset"),
     Source("dapo17k", parse_dapo, hub="BytedTsinghua-SIA/DAPO-Math-17k"),
     Source("numinamath", parse_numina, hub="AI-MO/NuminaMath-CoT"),
-    Source("math500", _problem, hub="HuggingFaceH4/MATH-500", split="test"),
-    Source("amc23", parse_amc23, hub="AI-MO/aimo-validation-amc"),
-    Source("aime24", _problem, hub="HuggingFaceH4/aime_2024"),
+    Source("math500", _problem, hub="HuggingFaceH4/MATH-500", split="test", expected=500),
+    Source("amc23", parse_amc23, hub="AI-MO/aimo-validation-amc", expected=83),
+    Source("amc2023", parse_amc2023, hub="AI-MO/aimo-validation-amc", expected=40),
+    Source("aime24", _problem, hub="HuggingFaceH4/aime_2024", expected=30),
     Source("aime25", _problem, hub="opencompass/AIME2025", hub_configs=("AIME2025-I", "AIME2025-II"),
-           split="test"),
+           split="test", expected=30),
 )}
 
 

@@ -43,8 +43,10 @@ CASES = {
     "math500": ("math500.jsonl", {"math500-test/precalculus/807.json": "\\left( 3, \\frac{\\pi}{2} \\right)",
                                   "math500-test/algebra/1.json": "1024", "math500-test/algebra/2.json": "2\\sqrt{3}"},
                 {"missing_answer": 1, "duplicate_id": 1, "invalid_row": 1}),
-    "amc23": ("amc23.jsonl", {"amc23-0": "27", "amc23-1": "0.5", "amc23-4": "144"},
-              {"not_in_subset": 1, "missing_answer": 1}),
+    "amc23": ("amc23.jsonl", {"amc23-0": "27", "amc23-1": "0.5", "amc23-2": "3", "amc23-4": "144"},
+              {"missing_answer": 1}),
+    "amc2023": ("amc23.jsonl", {"amc2023-0": "27", "amc2023-1": "0.5", "amc2023-4": "144"},
+                {"not_in_subset": 1, "missing_answer": 1}),
     "aime24": ("aime24.jsonl", {"aime24-2024-I-1": "204", "aime24-2024-I-2": "25", "aime24-2024-II-4": "33"},
                {"missing_problem": 1, "missing_answer": 1}),
     "aime25": ("aime25.jsonl", {"aime25-1": "70", "aime25-2": "117", "aime25-3": "504"},
@@ -65,6 +67,47 @@ def test_each_source_prepares_and_reads_back(dataset: str, tmp_path: Path, capsy
     assert summary["rows"] == len(expected) + sum(skipped.values())
     assert all(e["file"] == fixture and e["row"] >= 1 for e in summary["examples"])
     assert f"{fixture} row " in capsys.readouterr().out
+
+
+def test_amc23_is_the_papers_83_problem_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """aimo-validation-amc's schema, 2022 and 2023 rows interleaved: amc23 keeps all 83 (no size
+    warning), amc2023 the rows whose url names 2023."""
+    fixture = FIXTURES / "aimo_validation_amc.jsonl"
+    rows = [json.loads(line) for line in fixture.read_text().splitlines()]
+    assert len(rows) == 83 and all(isinstance(r["answer"], float) for r in rows)
+    rows_2023 = {str(r["id"]) for r in rows if "/2023_AMC_" in r["url"]}
+    assert len(rows_2023) == 40 and {str(r["id"]) for r in rows if "/2022_AMC_" in r["url"]}.isdisjoint(rows_2023)
+    prepared = {}
+    for name in ("amc23", "amc2023"):
+        assert PREPARE.main([name, "--input", str(fixture), "--out-dir", str(tmp_path)]) == 0
+        prepared[name], _ = read_many([tmp_path / f"{name}.parquet"], strict=True)
+        assert "warning" not in capsys.readouterr().err
+    assert len(prepared["amc23"]) == 83
+    assert {r.uid for r in prepared["amc2023"]} == {f"amc2023-{i}" for i in rows_2023}
+    answers = {r.uid.removeprefix("amc23-"): r.answer for r in prepared["amc23"]}
+    assert answers["0"] == "0" and answers["5"] == "0.5" and answers["17"] == "2.25" and answers["3"] == "111"
+    assert json.loads((tmp_path / "amc2023.report.json").read_text())["skipped"] == {"not_in_subset": 43}
+
+
+def test_amc_size_other_than_published_is_flagged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert PREPARE.main(["amc23", "--input", str(FIXTURES / "amc23.jsonl"), "--out-dir", str(tmp_path)]) == 0
+    assert "warning: amc23 has 83 problems as published (AI-MO/aimo-validation-amc); amc23.jsonl gave 4" in \
+        capsys.readouterr().err
+
+
+def test_math_ai_amc23_is_the_2023_set_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """math-ai/amc23 (`id, question, answer`) holds the 40 AMC 2023 problems: amc2023 reads it, and
+    amc23 (the papers' 83) refuses it, saying what to pass instead, and writes nothing."""
+    fixture = FIXTURES / "math_ai_amc23.jsonl"
+    assert PREPARE.main(["amc2023", "--input", str(fixture), "--out-dir", str(tmp_path)]) == 0
+    records, _ = read_many([tmp_path / "amc2023.parquet"], strict=True)
+    assert {r.uid: r.answer for r in records} == {"amc2023-0": "27", "amc2023-1": "0.5", "amc2023-2": "144"}
+    capsys.readouterr()
+    assert PREPARE.main(["amc23", "--input", str(fixture), "--out-dir", str(tmp_path / "amc23")]) == 2
+    err = capsys.readouterr().err
+    assert "math_ai_amc23.jsonl is not the amc23 dataset" in err
+    assert "AI-MO/aimo-validation-amc" in err and "prepare this one as amc2023" in err
+    assert not (tmp_path / "amc23").exists()
 
 
 def test_bad_rows_are_located_by_file_and_row(tmp_path: Path) -> None:

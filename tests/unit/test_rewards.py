@@ -1,4 +1,9 @@
-"""Graders agree with math-verify on toy answers; the pool survives hangs, raises and crashes."""
+"""Graders agree with math-verify on toy answers; the pool survives hangs, raises and crashes.
+
+`math_verify_response` is pinned against `math_verify.metric.math_metric` called directly with the
+papers' configuration (verl's `reward_score/math_verify.py` in SPEED-RL and JSPO-Official), on
+responses where it and the last-box `math_verify` disagree.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from math_verify.metric import math_metric
+from math_verify.parser import ExprExtractionConfig, LatexExtractionConfig
 
-from megatron_speed.rewards import GRADERS, RewardPool, ScoreResult, math_verify_grader, resolve_grader
+from megatron_speed.rewards import (
+    GRADERS,
+    RewardPool,
+    ScoreResult,
+    math_verify_grader,
+    math_verify_response_grader,
+    resolve_grader,
+)
 from megatron_speed.rewards.graders import last_boxed
 from tests.unit import graders_for_tests
 
@@ -39,6 +53,75 @@ def test_math_verify_grader(response: str, answer: str, expected: float) -> None
     assert math_verify_grader(response, answer) == expected
 
 
+def upstream_score(response: str, answer: str) -> float:
+    """The papers' `compute_score`: math_metric with verl's configuration, 0 on any exception."""
+    metric = math_metric(gold_extraction_target=(LatexExtractionConfig(),),
+                         pred_extraction_target=(ExprExtractionConfig(), LatexExtractionConfig()))
+    try:
+        score, _ = metric(["\\boxed{" + answer + "}"], [response])
+    except BaseException:
+        return 0.0
+    return score
+
+
+# (response, gold, math_verify_response, math_verify): responses on which the two graders differ.
+DIFFERING = [
+    ("so the sum is 2412", "2412", 1.0, 0.0),  # an unboxed final answer
+    ("Thus the final answer is $\\frac{1}{2}$.", "0.5", 1.0, 0.0),
+    ("Thus $x=\\frac{3}{4}$", "\\frac{3}{4}", 1.0, 0.0),
+    ("the answer is 0.75", "\\frac{3}{4}", 1.0, 0.0),
+    # the last box is wrong, a later "final answer is" phrase is right and outranks boxes
+    ("\\boxed{7} hmm. Therefore, the final answer is 2412.", "2412", 1.0, 0.0),
+    # two boxes are read as the set {7, 2412}, which matches neither; the last box alone is right
+    ("first \\boxed{7}, on reflection \\boxed{2412}", "2412", 0.0, 1.0),
+    ("The answer is 12 and then 3 and finally 2412", "12", 1.0, 0.0),  # the first anchored number
+]
+
+# ... and responses on which they agree.
+AGREEING = [
+    ("so the sum is \\boxed{2412}", "2412", 1.0),
+    ("\\boxed{2412.0}", "2412", 1.0),
+    ("\\boxed{\\frac{3}{4}}", "0.75", 1.0),
+    ("first \\boxed{2412}, on reflection \\boxed{7}", "2412", 0.0),  # an earlier right box does not count
+    ("I get \\boxed{7}. Wait, that is wrong; the answer is 2412", "2412", 0.0),  # the box outranks "answer is"
+    ("the answer is \\boxed{24", "24", 0.0),  # cut off inside the box
+    ("", "7", 0.0),
+    ("no numbers here", "7", 0.0),
+]
+
+
+@pytest.mark.parametrize(("response", "answer", "whole", "last_box"), DIFFERING)
+def test_response_grader_differs_from_last_box_as_upstream(response: str, answer: str, whole: float,
+                                                          last_box: float) -> None:
+    assert GRADERS["math_verify_response"](response, answer) == whole == upstream_score(response, answer)
+    assert math_verify_grader(response, answer) == last_box != whole
+
+
+@pytest.mark.parametrize(("response", "answer", "expected"), AGREEING)
+def test_response_grader_agrees_with_last_box_elsewhere(response: str, answer: str, expected: float) -> None:
+    assert math_verify_response_grader(response, answer) == expected == upstream_score(response, answer)
+    assert math_verify_grader(response, answer) == expected
+
+
+def test_response_grader_through_the_pool() -> None:
+    """Real workers: the scores above, an unextractable gold counted as an error (upstream: 0), and
+    math-verify's own SIGALRM timeout (5 s on a tower of powers) working in a worker's main thread."""
+    cases = DIFFERING + [(r, a, e, e) for r, a, e in AGREEING]
+    items = [(r, a) for r, a, _, _ in cases]
+    with RewardPool("math_verify_response", num_workers=2, timeout_seconds=30.0) as pool:
+        result = pool.score(items)
+        assert result.scores == [whole for _, _, whole, _ in cases]
+        assert (result.timeouts, result.errors) == (0, 0)
+        bad_gold = pool.score([("\\boxed{1}", ""), ("so it is 3", "3")])
+        assert (bad_gold.scores, bad_gold.timeouts, bad_gold.errors) == ([0.0, 1.0], 0, 1)
+        workers = pool.worker_pids
+        tower = pool.score([("\\boxed{9^{9^{9^{9}}}}", "12")])
+        assert (tower.scores, tower.timeouts, tower.errors) == ([0.0], 0, 0)
+        assert 4.0 < tower.seconds < 25.0 and pool.worker_pids == workers
+    with RewardPool("math_verify", num_workers=1, timeout_seconds=30.0) as pool:
+        assert pool.score(items).scores == [last_box for _, _, _, last_box in cases]
+
+
 def test_last_boxed_balances_braces() -> None:
     assert last_boxed(r"\boxed{\frac{1}{2}} and \boxed{\{1, 2\}}") == r"\{1, 2\}"
     assert last_boxed(r"\boxed {x^{2}}") == "x^{2}"
@@ -47,6 +130,7 @@ def test_last_boxed_balances_braces() -> None:
 
 def test_resolve_grader_by_name_and_path() -> None:
     assert resolve_grader("math_verify") is GRADERS["math_verify"] is math_verify_grader
+    assert resolve_grader("math_verify_response") is math_verify_response_grader
     assert resolve_grader(SCRIPTED) is graders_for_tests.scripted
 
 
