@@ -194,6 +194,8 @@ class BufferedCurriculum:
                "curriculum/dropped_stale_groups": float(t.groups_stale),
                "curriculum/dropped_stale_samples": float(t.samples_stale),
                "curriculum/discarded_surplus_groups": float(t.groups_discarded),
+               "curriculum/samples_generated": float(t.samples_generated),
+               "curriculum/samples_rejected": float(t.samples_rejected),
                "curriculum/rejected_all_correct": float(t.rejected_all_correct),
                "curriculum/rejected_all_wrong": float(t.rejected_all_wrong)}
         for phase in self.phases():

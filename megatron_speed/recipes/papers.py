@@ -129,7 +129,9 @@ def speed_paper(model_key: str, dataset: str, *, base: str, speed: bool, js: boo
         curriculum=CurriculumConfig(name=curriculum, prompts_per_step=prompts, n_init=n_init, n_continue=n - n_init,
                                     screen_prompts_per_call=64, dapo_prompts_per_call=16, dapo_surplus="discard",
                                     max_calls_per_step=50),
-        rewards=RewardConfig(grader=UPSTREAM_GRADER, num_workers=8, timeout_seconds=5.0),
+        # math-verify's own limits can add up to ~32 s on one item (5 s per parse, 5 s per comparison,
+        # up to 4 comparisons); upstream waits them out and scores 0, so our hard cut does too.
+        rewards=RewardConfig(grader=UPSTREAM_GRADER, num_workers=8, timeout_seconds=35.0),
         algorithm=AlgorithmConfig(advantage="js" if js else "rloo", clip_low=0.2,
                                   clip_high=0.28 if base == "dapo" else 0.2, clip_c=10.0,
                                   loss_aggregation="token-mean", kl_coef=0.0, entropy_coef=0.0),

@@ -102,14 +102,14 @@ def test_qwen_math_template_matches_jspo_jinja() -> None:
 def test_unknown_template_is_a_config_error() -> None:
     from megatron_speed.config.base import ConfigError
 
-    with pytest.raises(ConfigError, match="data.prompt_template"):
+    with pytest.raises(ConfigError, match=r"data\.prompt_template"):
         load_config("toy_cpu", ["data.prompt_template=chatml-typo"])
 
 
 def test_greedy_off_needs_samples() -> None:
     from megatron_speed.config.base import ConfigError
 
-    with pytest.raises(ConfigError, match="eval.greedy"):
+    with pytest.raises(ConfigError, match=r"eval\.greedy"):
         load_config("toy_cpu", ["eval.greedy=false"])
 
 
