@@ -11,9 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
-import reproduce_toy as rt  # noqa: E402
+import reproduce_toy as rt
 
-from megatron_speed.evaluate import EvalReport, SetResult  # noqa: E402
+from megatron_speed.evaluate import EvalReport, SetResult
 
 
 def test_time_to_target_interpolates_and_reports_never() -> None:
