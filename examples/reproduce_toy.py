@@ -77,6 +77,9 @@ def arm_overrides(arm: str, pool: str) -> list[str]:
 def run_arm(arm: str, pool: str, out: Path, *, seconds: float, steps: int, seed: int, every: int) -> Path:
     recipe = ARMS[arm][0]
     name = arm.replace(" ", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "cache").exists():  # one warm start per pool, shared by every seed and arm (it is seeded)
+        (out / "cache").symlink_to(ROOT / "runs" / "cache", target_is_directory=True)
     cmd = [sys.executable, str(ROOT / "launch.py"), recipe, f"run.output_dir={out}", f"run.name={name}",
            f"run.max_wall_seconds={seconds}", f"run.steps={steps}", f"run.seed={seed}", f"eval.every={every}",
            "metrics.progress_bar=false", "metrics.tensorboard=false", *arm_overrides(arm, pool)]
