@@ -32,11 +32,14 @@
   resident memory, which fails in a process that already holds a trainer; `rollout.kv_cache_gib`
   sets it explicitly (both builds accept `kv_cache_memory_bytes`), which also skips the CPU
   build's profiling warm-up.
+* Waking after a train step: 0.25.1 maps fresh memory at `wake_up` without first returning what
+  PyTorch's caching allocator holds; `release_cached_memory` does that before every wake.
 * Executor: `uni` for a single process, `external_launcher` under torchrun (SPMD) on both builds.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -69,6 +72,21 @@ def sleep(llm: Any) -> None:
     """Level 2: discard the weights too (the refit rewrites all of them) and free the KV cache."""
     if supports_sleep():
         llm.sleep(level=2)
+
+
+def release_cached_memory() -> None:
+    """Hand memory the trainer no longer uses back to the device before vLLM maps its own.
+
+    vLLM 0.25.1's `CuMemAllocator.wake_up` maps fresh physical memory and cannot reuse blocks that
+    PyTorch's caching allocator still holds (fp32 logits, activations, gathered export tensors, the
+    refit's buckets); after a real train step that is the difference between waking and an OOM.
+    Later vLLM releases do this inside `wake_up` (vLLM PR 49857); verl hit the same. `gc.collect()`
+    first: tensors kept alive only by reference cycles (autograd graphs, exceptions) are freed only
+    by the collector, and `empty_cache()` can return only blocks nothing references.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def wake_up(llm: Any, tags: list[str]) -> None:

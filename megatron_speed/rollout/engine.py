@@ -110,7 +110,10 @@ class VLLMEngine:
         self.state = "asleep"
 
     def wake_up(self, tags: list[str]) -> None:
-        """`["weights"]` before the refit, then `["kv_cache"]` before generating."""
+        """`["weights"]` before the refit, then `["kv_cache"]` before generating.
+
+        Every wake first returns the memory the trainer (or the refit) left in PyTorch's cache to the
+        device (`compat.release_cached_memory`): vLLM 0.25.1 cannot reuse it and would run out."""
         if tags == ["weights"]:
             self._require("asleep", "wake_up(weights)")
             next_state = "weights"
@@ -119,6 +122,7 @@ class VLLMEngine:
             next_state = "awake"
         else:
             raise ValueError(f"wake_up takes ['weights'] or ['kv_cache'], got {tags}")
+        compat.release_cached_memory()
         compat.wake_up(self.llm, tags)
         self.state = next_state
 

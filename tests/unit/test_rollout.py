@@ -246,3 +246,27 @@ def test_a_refit_that_misses_a_tensor_names_it(engine: VLLMEngine, hf_dir: Path)
     with pytest.raises(RuntimeError, match=r"1 engine parameter\(s\) with stale weights: "
                                            r"model\.layers\.1\.mlp\.down_proj\.weight"):
         engine.update_weights(named)
+
+
+def test_every_wake_first_frees_what_only_reference_cycles_keep(engine: VLLMEngine) -> None:
+    """Before each wake the engine runs the collector (then empties the CUDA cache on a GPU): a tensor
+    held only by a reference cycle, as autograd graphs and exceptions leave them after a train step,
+    is gone by the time vLLM maps its memory, for ["weights"] and again for ["kv_cache"]."""
+    import gc
+    import weakref
+
+    def orphan_cycle() -> weakref.ref:
+        holder: dict = {"logits": torch.empty(1024, 1024)}
+        holder["self"] = holder  # the cycle: only the collector frees it
+        return weakref.ref(holder["logits"])
+
+    engine.sleep()
+    gc.disable()  # no automatic collection may run in between
+    try:
+        for tags in (["weights"], ["kv_cache"]):
+            alive = orphan_cycle()
+            assert alive() is not None
+            engine.wake_up(tags)
+            assert alive() is None, f"wake_up({tags}) left the cycle's tensor allocated"
+    finally:
+        gc.enable()
