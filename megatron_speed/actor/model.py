@@ -113,8 +113,8 @@ def transformer_engine_problem() -> str | None:
     Any exception counts (a missing shared library raises OSError, not ImportError).
     """
     try:
-        import transformer_engine.pytorch  # noqa: F401
-        from megatron.core.extensions import transformer_engine  # noqa: F401, F811
+        import transformer_engine.pytorch
+        from megatron.core.extensions import transformer_engine  # noqa: F401
         from megatron.core.models.gpt import gpt_layer_specs
     except Exception as err:
         return f"{type(err).__name__}: {err}"

@@ -114,19 +114,25 @@ def finish_reload(llm: Any, loaded: set[str]) -> None:
 
 
 # --- run on each worker (in-process: `uni` and `external_launcher` call them directly) ------------
+def _model(worker: Any) -> Any:
+    """The bare model, as vLLM's own reload reaches it: `model_runner.model` is a CUDA-graph wrapper
+    when graphs are captured (`enforce_eager=False`, the paper recipes), `get_model()` unwraps it."""
+    return worker.model_runner.get_model()
+
+
 def _begin_reload(worker: Any) -> None:
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
     with set_current_vllm_config(worker.vllm_config):
-        initialize_layerwise_reload(worker.model_runner.model)
+        initialize_layerwise_reload(_model(worker))
 
 
 def _load_bucket(worker: Any, bucket: list[tuple[str, torch.Tensor]]) -> set[str]:
     from vllm.config import set_current_vllm_config
 
     with set_current_vllm_config(worker.vllm_config), torch.no_grad():
-        return set(worker.model_runner.model.load_weights(iter(bucket)) or ())
+        return set(_model(worker).load_weights(iter(bucket)) or ())
 
 
 def _finish_reload(worker: Any, loaded: set[str]) -> list[str]:
@@ -134,7 +140,7 @@ def _finish_reload(worker: Any, loaded: set[str]) -> list[str]:
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-    model = worker.model_runner.model
+    model = _model(worker)
     quiet = logging.getLogger(finalize_layerwise_reload.__module__)
     level, quiet.level = quiet.level, logging.ERROR
     try:

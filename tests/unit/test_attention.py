@@ -159,7 +159,8 @@ def test_tiny_models_write_loadable_folders(tmp_path: Path) -> None:
 
 BROKEN_TE = {  # a TransformerEngine install whose top-level package imports but whose torch part cannot load
     "transformer_engine/__init__.py": "__version__ = '2.20.2'\n",
-    "transformer_engine/pytorch/__init__.py": "raise OSError('libtransformer_engine.so: undefined symbol: cudaGetDriverEntryPointByVersion')\n",
+    "transformer_engine/pytorch/__init__.py":
+        "raise OSError('libtransformer_engine.so: undefined symbol: cudaGetDriverEntryPointByVersion')\n",
 }
 
 
