@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     inputs = PlanInputs.from_config(cfg, gpus=args.gpus, gpu_gib=args.gpu_memory_gib, prompt_tokens=args.prompt_tokens)
     if args.gpus % (inputs.tp * inputs.pp):
-        print(f"memory_plan: --gpus {args.gpus} is not a multiple of TP x PP = {inputs.tp * inputs.pp}", file=sys.stderr)
+        print(f"memory_plan: --gpus {args.gpus} is not a multiple of TP x PP = {inputs.tp * inputs.pp}",
+              file=sys.stderr)
         return 2
     result = plan(shape, inputs)
     text, fix = verdict(result, shape)

@@ -128,12 +128,14 @@ class PlanInputs:
     def from_config(cls, cfg: Any, *, gpus: int, gpu_gib: float, prompt_tokens: int) -> PlanInputs:
         max_len = prompt_tokens + cfg.rollout.max_new_tokens
         optim = cfg.optim
-        tokens = max(optim.micro_batch_tokens, max_len) if optim.micro_batch_tokens else optim.micro_batch_size * max_len
-        cur = cfg.curriculum
+        tokens = max(optim.micro_batch_tokens, max_len) if optim.micro_batch_tokens else \
+            optim.micro_batch_size * max_len
+        cur, n = cfg.curriculum, cfg.rollout.n
         per_call = {"speed": cur.screen_prompts_per_call * cur.n_init + cur.prompts_per_step * cur.n_continue,
-                    "dapo": cur.dapo_prompts_per_call * cfg.rollout.n}.get(cur.name, cur.prompts_per_step * cfg.rollout.n)
+                    "dapo": cur.dapo_prompts_per_call * n}.get(cur.name, cur.prompts_per_step * n)
         return cls(gpus=gpus, gpu_bytes=int(gpu_gib * GIB), tp=cfg.parallel.tensor_parallel_size,
-                   pp=cfg.parallel.pipeline_parallel_size, params_bytes=2 if cfg.model.params_dtype == "bfloat16" else 4,
+                   pp=cfg.parallel.pipeline_parallel_size,
+                   params_bytes=2 if cfg.model.params_dtype == "bfloat16" else 4,
                    distributed_optimizer=optim.use_distributed_optimizer, recompute=cfg.model.recompute,
                    micro_batch_tokens=tokens, reference_model=cfg.algorithm.kl_coef > 0,
                    entropy=cfg.algorithm.entropy_coef > 0, rollout_tp=cfg.rollout.tensor_parallel_size,
