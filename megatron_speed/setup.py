@@ -20,6 +20,7 @@ from megatron_speed.config.schema import Config
 from megatron_speed.curriculum.base import Curriculum, build_curriculum
 from megatron_speed.data import PromptSampler, read_many
 from megatron_speed.evaluate import cap_per_set, resolve_files
+from megatron_speed.memory.runtime import measured_engine_memory
 from megatron_speed.metrics import MetricsLogger
 from megatron_speed.parallel import ParallelDims, init_parallel
 from megatron_speed.records import PromptRecord
@@ -146,14 +147,17 @@ def build(cfg: Config) -> Components:
     train = read_split(train_files, cfg, tokenizer, max_prompt_tokens=limit, name="train", counts=counts)
     held_out = read_split((*eval_files, *resolve_files(cfg.eval)), cfg, tokenizer, max_prompt_tokens=limit,
                           name="heldout", counts=counts)
-    # The TP ranks of one engine replica must sample alike (same seed); replicas differ.
-    replicas = ReplicaLayout(dims.world_size, dims.rank, cfg.rollout.tensor_parallel_size)
-    engine = VLLMEngine(hf_path, cfg.rollout, max_model_len=max_len, world_size=dims.world_size,
-                        seed=cfg.rollout.seed + replicas.replica, rank=replicas.replica)
+    # The actor first: on a GPU the engine then takes its share of what the actor left free
+    # (memory/runtime.py) instead of a fixed fraction of the device that the actor may not fit beside.
     actor = MegatronActor(hf_path, model_cfg=cfg.model, optim_cfg=cfg.optim, algorithm_cfg=cfg.algorithm,
                           temperature=cfg.rollout.temperature, horizon=cfg.rollout.max_new_tokens,
                           total_steps=cfg.run.steps * cfg.trajectories_per_step // cfg.optim.mini_batch_size,
                           tp=dims.tp, pp=dims.pp)
+    memory = measured_engine_memory(cfg.rollout, actor.hf_config, actor.optimizer, max_model_len=max_len)
+    # The TP ranks of one engine replica must sample alike (same seed); replicas differ.
+    replicas = ReplicaLayout(dims.world_size, dims.rank, cfg.rollout.tensor_parallel_size)
+    engine = VLLMEngine(hf_path, cfg.rollout, max_model_len=max_len, world_size=dims.world_size,
+                        seed=cfg.rollout.seed + replicas.replica, rank=replicas.replica, memory=memory)
     sampler = PromptSampler(train, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Components(

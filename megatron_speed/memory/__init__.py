@@ -1,4 +1,5 @@
-"""Memory arithmetic of a colocated run: the plan per GPU and phase, and the engine's share at runtime."""
+"""Memory arithmetic of a colocated run: the plan per GPU and phase (`plan`), and the engine's share of
+what the actor leaves free on a GPU (`runtime`, imported where it is used)."""
 
 from megatron_speed.memory.plan import (
     GIB,

@@ -176,12 +176,12 @@ def logits_bytes(shape: ModelShape, inputs: PlanInputs) -> int:
     return int(inputs.micro_batch_tokens * shape.vocab / inputs.tp * per_element)
 
 
-def engine_workspace_bytes(shape: ModelShape, inputs: PlanInputs) -> int:
+def engine_workspace_bytes(shape: ModelShape, *, rollout_tp: int, eager: bool) -> int:
     """The engine's peak besides weights and KV (an estimate of what vLLM's profiling run reserves):
     one 8192-token forward's widest activations, fp32 sampler logits for 256 sequences, CUDA graphs."""
-    forward = 8192 * (4 * shape.hidden + 2 * shape.ffn // inputs.rollout_tp) * 2
+    forward = 8192 * (4 * shape.hidden + 2 * shape.ffn // rollout_tp) * 2
     sampler = 256 * shape.vocab * 4 * 2
-    graphs = 0 if inputs.eager else GIB // 2
+    graphs = 0 if eager else GIB // 2
     return forward + sampler + graphs
 
 
@@ -243,7 +243,8 @@ def plan(shape: ModelShape, inputs: PlanInputs) -> Plan:
              "activations (one micro-batch per stage ahead)": activation_bytes(shape, inputs),
              "logits and their gradient (fp32)": logits_bytes(shape, inputs),
              "engine weights (bf16)": shape.total_params() * 2 // inputs.rollout_tp,
-             "engine workspace": engine_workspace_bytes(shape, inputs), "runtime reserve": RUNTIME_RESERVE}
+             "engine workspace": engine_workspace_bytes(shape, rollout_tp=inputs.rollout_tp, eager=inputs.eager),
+             "runtime reserve": RUNTIME_RESERVE}
     resident = sum(items[k] for k in ("actor weights", "gradient buffer (fp32)", "optimizer: fp32 main params",
                                       "optimizer: Adam moments", "reference model (KL)"))
     per_token = shape.kv_bytes_per_token(inputs.rollout_tp)

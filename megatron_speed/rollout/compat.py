@@ -46,19 +46,26 @@ from typing import Any
 import torch
 
 from megatron_speed.config.schema import RolloutConfig
+from megatron_speed.memory.plan import EngineMemory
 
 
 def supports_sleep() -> bool:
     return torch.cuda.is_available()
 
 
-def engine_kwargs(cfg: RolloutConfig, *, max_model_len: int, world_size: int, seed: int) -> dict[str, Any]:
+def engine_kwargs(cfg: RolloutConfig, *, max_model_len: int, world_size: int, seed: int,
+                  memory: EngineMemory | None = None) -> dict[str, Any]:
+    """`vllm.LLM` keywords. `memory` (GPU, `rollout.kv_cache_gib` = 0): the share of what the actor left
+    free (`memory.runtime`), given as an explicit KV-cache size and the utilization vLLM checks is free."""
     explicit_kv = {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)} if cfg.kv_cache_gib else {}
+    utilization = cfg.gpu_memory_utilization
+    if memory is not None:
+        explicit_kv, utilization = {"kv_cache_memory_bytes": memory.kv_cache_bytes}, memory.utilization
     return {
         **explicit_kv,
         "dtype": "bfloat16" if torch.cuda.is_available() else "float32",
         "enforce_eager": cfg.enforce_eager,
-        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "gpu_memory_utilization": utilization,
         "max_model_len": max_model_len,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "distributed_executor_backend": "uni" if world_size == 1 else "external_launcher",

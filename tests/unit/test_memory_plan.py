@@ -115,3 +115,28 @@ def test_the_suggested_override_makes_the_7b_recipe_fit(capsys: pytest.CaptureFi
     assert memory_plan.main([recipe, *fix, "--gpus", "4", "--gpu-memory-gib", "80"]) == 0
     assert memory_plan.main([recipe, "--gpus", "4", "--gpu-memory-gib", "141"]) == 0
     assert memory_plan.main(["no_such_recipe"]) == 2
+
+
+def test_engine_gets_the_measured_share_as_explicit_kv_and_utilization() -> None:
+    from megatron_speed.memory import EngineMemory
+    from megatron_speed.rollout import compat
+
+    share = EngineMemory(kv_cache_bytes=7 * GIB, utilization=0.31)
+    kwargs = compat.engine_kwargs(RolloutConfig(gpu_memory_utilization=0.6), max_model_len=64, world_size=1, seed=0,
+                                  memory=share)
+    assert kwargs["kv_cache_memory_bytes"] == 7 * GIB and kwargs["gpu_memory_utilization"] == 0.31
+    plain = compat.engine_kwargs(RolloutConfig(gpu_memory_utilization=0.6), max_model_len=64, world_size=1, seed=0)
+    assert "kv_cache_memory_bytes" not in plain and plain["gpu_memory_utilization"] == 0.6
+
+
+def test_no_room_for_one_sequence_names_the_key_and_the_planner() -> None:
+    from megatron_speed.config.base import ConfigError
+    from megatron_speed.memory import EngineMemory
+    from megatron_speed.memory.runtime import check_kv_room
+
+    check_kv_room(EngineMemory(kv_cache_bytes=4096 * 100, utilization=0.2), 100, max_model_len=4096, free=GIB,
+                  total=2 * GIB)
+    with pytest.raises(ConfigError, match="tools/memory_plan.py") as info:
+        check_kv_room(EngineMemory(kv_cache_bytes=4095 * 100, utilization=0.2), 100, max_model_len=4096, free=GIB,
+                      total=2 * GIB)
+    assert info.value.key == "rollout.gpu_memory_utilization"
