@@ -58,9 +58,13 @@ class Components:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def save_hf(self, tag: str) -> Path | None:
-        """Export the policy in HF format under out_dir/hf/<tag> (rank 0 writes)."""
-        tensors = list(self.actor.export_hf_weights())
-        if not self.dims.is_main:
+        """Export the policy in HF format under out_dir/hf/<tag> (rank 0 writes).
+
+        The export is collective (every rank iterates it), but only the writing rank keeps the tensors,
+        each copied to host memory as it arrives: no rank holds a second full model on its GPU."""
+        writer = self.dims.is_main
+        tensors = [(name, t.detach().to("cpu", copy=True)) for name, t in self.actor.export_hf_weights() if writer]
+        if not writer:
             return None
         return save_hf_folder(self.out_dir / "hf" / tag, self.hf_path, tensors)
 

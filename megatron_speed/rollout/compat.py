@@ -34,7 +34,8 @@
   build's profiling warm-up.
 * Waking after a train step: 0.25.1 maps fresh memory at `wake_up` without first returning what
   PyTorch's caching allocator holds; `release_cached_memory` does that before every wake.
-* Executor: `uni` for a single process, `external_launcher` under torchrun (SPMD) on both builds.
+* Executor: `uni` for a single process (`mp` when it asks for tensor parallelism), `external_launcher`
+  under torchrun (SPMD) on both builds.
 """
 
 from __future__ import annotations
@@ -68,11 +69,20 @@ def engine_kwargs(cfg: RolloutConfig, *, max_model_len: int, world_size: int, se
         "gpu_memory_utilization": utilization,
         "max_model_len": max_model_len,
         "tensor_parallel_size": cfg.tensor_parallel_size,
-        "distributed_executor_backend": "uni" if world_size == 1 else "external_launcher",
+        "distributed_executor_backend": executor_backend(world_size, cfg.tensor_parallel_size),
         "enable_sleep_mode": supports_sleep(),
         "logprobs_mode": "processed_logprobs",
         "seed": seed,
     }
+
+
+def executor_backend(world_size: int, tensor_parallel_size: int) -> str:
+    """`external_launcher` under torchrun (each rank is one engine shard); in a single process `uni`,
+    or vLLM's own worker processes (`mp`) when that process asks for tensor parallelism (the evaluate
+    CLI's --tensor-parallel-size: `uni` has one worker and waits forever for the others)."""
+    if world_size > 1:
+        return "external_launcher"
+    return "uni" if tensor_parallel_size == 1 else "mp"
 
 
 def sleep(llm: Any) -> None:

@@ -270,3 +270,16 @@ def test_every_wake_first_frees_what_only_reference_cycles_keep(engine: VLLMEngi
             assert alive() is None, f"wake_up({tags}) left the cycle's tensor allocated"
     finally:
         gc.enable()
+
+
+def test_a_single_process_with_rollout_tp_gets_vllms_worker_processes() -> None:
+    """`python -m megatron_speed.evaluate --tensor-parallel-size 2` runs in one process: the `uni`
+    executor has a single worker and would wait forever for the second; vLLM's `mp` spawns them."""
+    from megatron_speed.rollout import compat
+
+    def backend(world: int, tp: int) -> str:
+        cfg = RolloutConfig(tensor_parallel_size=tp)
+        return compat.engine_kwargs(cfg, max_model_len=64, world_size=world, seed=0)["distributed_executor_backend"]
+
+    assert backend(1, 1) == "uni" and backend(1, 2) == "mp"
+    assert backend(2, 1) == "external_launcher" and backend(2, 2) == "external_launcher"
