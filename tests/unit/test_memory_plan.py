@@ -136,7 +136,7 @@ def test_no_room_for_one_sequence_names_the_key_and_the_planner() -> None:
 
     check_kv_room(EngineMemory(kv_cache_bytes=4096 * 100, utilization=0.2), 100, max_model_len=4096, free=GIB,
                   total=2 * GIB)
-    with pytest.raises(ConfigError, match="tools/memory_plan.py") as info:
+    with pytest.raises(ConfigError, match=r"tools/memory_plan\.py") as info:
         check_kv_room(EngineMemory(kv_cache_bytes=4095 * 100, utilization=0.2), 100, max_model_len=4096, free=GIB,
                       total=2 * GIB)
     assert info.value.key == "rollout.gpu_memory_utilization"
