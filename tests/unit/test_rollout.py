@@ -283,3 +283,23 @@ def test_a_single_process_with_rollout_tp_gets_vllms_worker_processes() -> None:
 
     assert backend(1, 1) == "uni" and backend(1, 2) == "mp"
     assert backend(2, 1) == "external_launcher" and backend(2, 2) == "external_launcher"
+
+
+def test_groups_travel_as_tensors_and_json_and_come_back_equal() -> None:
+    """What a replica leader sends (no pickle): ints, float64 and UTF-8 JSON rebuild the same groups, with
+    the engine's log-probs bit for bit, rewards, texts, finish reasons and unscored groups intact."""
+    import math
+
+    from megatron_speed.records import Completion
+    from megatron_speed.rollout.replicas import _pack_groups, _unpack_groups
+
+    prompt = PromptRecord(uid="é-1", prompt=" 12+7=", answer="19", source="toy")
+    scored = RolloutGroup(prompt=prompt, prompt_token_ids=(5, 6, 7), phase="screen", policy_version=3,
+                          completions=[Completion(token_ids=(1, 2), logprobs=(-0.1, -math.pi), text="\\boxed{19}",
+                                                  finish_reason="stop"),
+                                       Completion(token_ids=(), logprobs=(), text="", finish_reason="length")],
+                          rewards=[1.0, 0.0])
+    unscored = RolloutGroup(prompt=prompt, prompt_token_ids=(), completions=[])
+    groups, faults = _unpack_groups(_pack_groups([scored, unscored], {"reward/timeouts": 2.0}))
+    assert groups == [scored, unscored] and faults == {"reward/timeouts": 2.0}
+    assert groups[0].completions[0].logprobs[1] == -math.pi
