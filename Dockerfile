@@ -60,8 +60,11 @@ COPY megatron_speed /opt/megatron-speed/megatron_speed
 COPY tools /opt/megatron-speed/tools
 COPY examples /opt/megatron-speed/examples
 COPY launch.py /opt/megatron-speed/
+# The tests travel with the image, with pytest (the `test` extra's pins, without its CPU-only linters and
+# launcher runtime), so the GPU tests run in the image itself: cd /opt/megatron-speed && python -m pytest -m gpu
+COPY tests /opt/megatron-speed/tests
 # The job runs as an unprivileged user; the installed environment stays root-owned (read-only to it).
-RUN pip install --no-cache-dir "/opt/megatron-speed[gpu]" \
+RUN pip install --no-cache-dir "/opt/megatron-speed[gpu]" pytest==9.2.0 hypothesis==6.170.17 \
     && groupadd --gid 10001 speed \
     && useradd --create-home --uid 10001 --gid 10001 --shell /bin/bash speed
 USER 10001:10001

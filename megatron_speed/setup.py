@@ -22,6 +22,7 @@ from megatron_speed.curriculum.base import Curriculum, build_curriculum
 from megatron_speed.data import PromptSampler, read_many
 from megatron_speed.data.templates import apply_template
 from megatron_speed.evaluate import cap_per_set, resolve_files
+from megatron_speed.memory.runtime import measured_engine_memory
 from megatron_speed.metrics import MetricsLogger
 from megatron_speed.parallel import ParallelDims, init_parallel
 from megatron_speed.records import PromptRecord
@@ -59,9 +60,13 @@ class Components:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def save_hf(self, tag: str) -> Path | None:
-        """Export the policy in HF format under out_dir/hf/<tag> (rank 0 writes)."""
-        tensors = list(self.actor.export_hf_weights())
-        if not self.dims.is_main:
+        """Export the policy in HF format under out_dir/hf/<tag> (rank 0 writes).
+
+        The export is collective (every rank iterates it), but only the writing rank keeps the tensors,
+        each copied to host memory as it arrives: no rank holds a second full model on its GPU."""
+        writer = self.dims.is_main
+        tensors = [(name, t.detach().to("cpu", copy=True)) for name, t in self.actor.export_hf_weights() if writer]
+        if not writer:
             return None
         return save_hf_folder(self.out_dir / "hf" / tag, self.hf_path, tensors)
 
@@ -151,14 +156,17 @@ def build(cfg: Config) -> Components:
     train = read_split(train_files, cfg, tokenizer, max_prompt_tokens=limit, name="train", counts=counts)
     held_out = read_split((*eval_files, *resolve_files(cfg.eval)), cfg, tokenizer, max_prompt_tokens=limit,
                           name="heldout", counts=counts)
-    # The TP ranks of one engine replica must sample alike (same seed); replicas differ.
-    replicas = ReplicaLayout(dims.world_size, dims.rank, cfg.rollout.tensor_parallel_size)
-    engine = VLLMEngine(hf_path, cfg.rollout, max_model_len=max_len, world_size=dims.world_size,
-                        seed=cfg.rollout.seed + replicas.replica, rank=replicas.replica)
+    # The actor first: on a GPU the engine then takes its share of what the actor left free
+    # (memory/runtime.py) instead of a fixed fraction of the device that the actor may not fit beside.
     actor = MegatronActor(hf_path, model_cfg=cfg.model, optim_cfg=cfg.optim, algorithm_cfg=cfg.algorithm,
                           temperature=cfg.rollout.temperature, horizon=cfg.rollout.max_new_tokens,
                           total_steps=cfg.schedule_steps,
                           tp=dims.tp, pp=dims.pp)
+    memory = measured_engine_memory(cfg.rollout, actor.hf_config, actor.optimizer, max_model_len=max_len)
+    # The TP ranks of one engine replica must sample alike (same seed); replicas differ.
+    replicas = ReplicaLayout(dims.world_size, dims.rank, cfg.rollout.tensor_parallel_size)
+    engine = VLLMEngine(hf_path, cfg.rollout, max_model_len=max_len, world_size=dims.world_size,
+                        seed=cfg.rollout.seed + replicas.replica, rank=replicas.replica, memory=memory)
     sampler = PromptSampler(train, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Components(

@@ -22,7 +22,7 @@ from megatron_speed.checkpoint.resume import checkpoints_root, load_checkpoint, 
 from megatron_speed.config.schema import AlgorithmConfig
 from megatron_speed.curriculum.batch import build_train_batch
 from megatron_speed.evaluate import run_eval
-from megatron_speed.kernels import js_token_advantages
+from megatron_speed.kernels import js_token_advantages_from_lengths, response_spans
 from megatron_speed.metrics import PhaseTimer
 from megatron_speed.metrics.summary import rollout_metrics, train_metrics
 from megatron_speed.records import RolloutGroup, TrainBatch
@@ -238,7 +238,9 @@ def compute_advantages(batch: TrainBatch, cfg: AlgorithmConfig, *, horizon: int)
         rewards = rewards + penalty
         stats["advantage/overlong_penalty_mean"] = float(penalty.mean())
     if cfg.advantage == "js":
-        token_adv = js_token_advantages(rewards, batch.group_offsets, batch.response_mask, cfg.js_lambda_variant)
+        # Response spans, not the float mask: the kernel then reads no [N, T] input (one span per row).
+        token_adv = js_token_advantages_from_lengths(rewards, batch.group_offsets, *response_spans(batch.response_mask),
+                                                     batch.response_mask.shape[1], cfg.js_lambda_variant)
         lam = js_shrinkage(rewards, batch.group_offsets, lambda_variant=cfg.js_lambda_variant)
         stats["advantage/js_lambda_mean"] = float(lam.mean())
     else:

@@ -38,7 +38,7 @@ def row_lengths(mask: torch.Tensor | None, width: int, rows: int) -> list[int]:
         return [width] * rows
     positions = torch.arange(1, mask.shape[1] + 1, device=mask.device).expand_as(mask)
     last = torch.where(mask > 0, positions, torch.zeros_like(positions)).max(dim=1).values
-    return [max(int(v) + 1, 2) for v in last]
+    return [max(v + 1, 2) for v in last.tolist()]  # one device-to-host copy, not one sync per row
 
 
 def plan(lengths: Sequence[int], *, rows_per_micro_batch: int, token_budget: int,

@@ -18,10 +18,16 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: f
     shifted = logits[:, :-1].float()
     if temperature != 1.0:
         shifted = shifted / temperature
+    shifted = shifted.contiguous()
+    if shifted.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+        # megatron's cross entropy subtracts the max and exponentiates IN PLACE. With float32 logits,
+        # temperature 1.0 and one row, `logits[:, :-1]` is already contiguous, so `shifted` would be a
+        # view of the model's logits and the entropy (and its gradient) would read exp(logits - max).
+        shifted = shifted.clone()
     targets = tokens[:, 1:].contiguous()
     # vocab_parallel_cross_entropy works on [S, B, V] in megatron; the op is elementwise over the
     # leading dims, so the [B, S, V] layout is equally valid.
-    return -vocab_parallel_cross_entropy(shifted.contiguous(), targets)
+    return -vocab_parallel_cross_entropy(shifted, targets)
 
 
 def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:

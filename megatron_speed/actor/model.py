@@ -104,21 +104,40 @@ def check_tensor_parallel(hf_config: Any, tp: int) -> None:
                           f"use one of {divisors}")
 
 
+def transformer_engine_problem() -> str | None:
+    """Why TransformerEngine cannot serve megatron's TE layer spec here, or None when it can.
+
+    The probe megatron itself makes (`gpt_layer_specs.HAVE_TE`): `transformer_engine.pytorch` and
+    megatron's TE extension must import, not just the top-level `transformer_engine` package, which
+    imports fine when the CUDA libraries behind `transformer_engine.pytorch` are missing or mismatched.
+    Any exception counts (a missing shared library raises OSError, not ImportError).
+    """
+    try:
+        import transformer_engine.pytorch
+        from megatron.core.extensions import transformer_engine  # noqa: F401
+        from megatron.core.models.gpt import gpt_layer_specs
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    if not gpt_layer_specs.HAVE_TE:
+        return "megatron-core's gpt_layer_specs found no usable transformer_engine (HAVE_TE is False)"
+    return None
+
+
 def resolve_attention_backend(backend: str) -> str:
-    """"auto" -> "te" when transformer_engine imports, else "sdpa"; "te" without TE is an error."""
+    """"auto" -> "te" when TransformerEngine is usable (`transformer_engine_problem`), else "sdpa";
+    "te" without a usable TE is an error."""
     if backend not in ATTENTION_BACKENDS:
         raise ConfigError("model.attention_backend", backend, f"must be one of {', '.join(ATTENTION_BACKENDS)}",
                           "use 'auto' (TE if installed, else SDPA)")
     if backend not in ("auto", "te"):
         return backend
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception as err:  # ImportError, or TE present but its CUDA libraries are not
-        if backend == "te":
-            raise ConfigError("model.attention_backend", backend, f"needs transformer_engine ({err})",
-                              "install TransformerEngine or use 'sdpa'") from None
-        return "sdpa"
-    return "te"
+    problem = transformer_engine_problem()
+    if problem is None:
+        return "te"
+    if backend == "te":
+        raise ConfigError("model.attention_backend", backend, f"needs transformer_engine ({problem})",
+                          "install TransformerEngine built for this torch and CUDA, or use 'sdpa'")
+    return "sdpa"
 
 
 def layer_spec(backend: str, *, qk_layernorm: bool) -> Any:

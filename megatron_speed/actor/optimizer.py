@@ -33,3 +33,35 @@ def build_optimizer(model: Any | list[Any], cfg: OptimConfig, *, total_steps: in
         lr_decay_style=decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
         wd_incr_steps=max(total_steps, 1), wd_incr_style="constant")
     return optimizer, scheduler
+
+
+def _torch_optimizers(optimizer: Any) -> list[Any]:
+    """The torch optimizers inside megatron's (chained) optimizer."""
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [getattr(o, "optimizer", o) for o in inner]
+
+
+def adam_moment_bytes(optimizer: Any) -> tuple[int, int]:
+    """(bytes of Adam moments allocated now, bytes still to be allocated at the first step).
+
+    torch's Adam creates exp_avg and exp_avg_sq (each like its fp32 main parameter) lazily, so memory
+    measured right after the actor is built misses them; the engine's share must leave room for them.
+    """
+    allocated = pending = 0
+    for torch_optimizer in _torch_optimizers(optimizer):
+        for group in torch_optimizer.param_groups:
+            for param in group["params"]:
+                state = torch_optimizer.state.get(param, {})
+                moments = [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
+                if moments:
+                    allocated += sum(m.numel() * m.element_size() for m in moments)
+                else:
+                    pending += 2 * param.numel() * 4
+    return allocated, pending
+
+
+def main_param_bytes(optimizer: Any, model_params: set[int]) -> int:
+    """Bytes of the optimizer's own parameter copies (fp32 main params of bf16 training): the params
+    it steps that are not the model's (`model_params`: ids of the model's parameters)."""
+    return sum(p.numel() * p.element_size() for o in _torch_optimizers(optimizer) for g in o.param_groups
+               for p in g["params"] if id(p) not in model_params)

@@ -9,8 +9,9 @@ from megatron_speed.kernels.js_advantage import (
     js_token_advantages_from_lengths,
     js_token_advantages_from_lengths_reference,
     js_token_advantages_reference,
+    response_spans,
     spans_to_mask,
 )
 
 __all__ = ["js_token_advantages", "js_token_advantages_from_lengths", "js_token_advantages_from_lengths_reference",
-           "js_token_advantages_reference", "spans_to_mask"]
+           "js_token_advantages_reference", "response_spans", "spans_to_mask"]

@@ -79,30 +79,43 @@ def _check_shapes(rewards: Tensor, group_offsets: Tensor, per_row: dict[str, Ten
             raise ValueError(f"{name} is on {tensor.device} but rewards are on {rewards.device}; move them together")
 
 
-def _output(out: Tensor | None, rewards: Tensor, num_tokens: int, out_dtype: torch.dtype) -> Tensor:
-    """The [N, T] result buffer: `out` after checking it, or a new (uninitialised) tensor."""
+def _output(out: Tensor | None, rewards: Tensor, num_tokens: int, out_dtype: torch.dtype, *,
+            padded: bool) -> tuple[Tensor, Tensor]:
+    """(buffer the kernel fills, [N, T] result): `out` after checking it (both), or a new uninitialised
+    buffer whose rows are padded to a multiple of 16 elements when `padded` (the Triton path: aligned
+    rows let every store be 128 bits wide), returned as its [N, T] view."""
     shape = (rewards.numel(), num_tokens)
     if out is None:
-        return torch.empty(shape, dtype=out_dtype, device=rewards.device)
+        width = -(-num_tokens // 16) * 16 if padded else num_tokens
+        buffer = torch.empty((rewards.numel(), width), dtype=out_dtype, device=rewards.device)
+        return buffer, buffer[:, :num_tokens]
     if tuple(out.shape) != shape or out.dtype != out_dtype or out.device != rewards.device \
             or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {out_dtype} tensor of shape {shape} on {rewards.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})")
-    return out
+    return out, out
 
 
-def _run(rewards: Tensor, group_offsets: Tensor, out: Tensor, lambda_variant: LambdaVariant, eps: float,
-         force_lambda: float | None, *, mask: Tensor | None = None, start: Tensor | None = None,
-         length: Tensor | None = None) -> Tensor:
-    """Launch the Triton kernels on `out` (imported here: Triton is needed only on this path)."""
-    if out.numel() == 0:
-        return out
+def _run(rewards: Tensor, group_offsets: Tensor, buffer: Tensor, num_tokens: int, lambda_variant: LambdaVariant,
+         eps: float, force_lambda: float | None, *, mask: Tensor | None = None, start: Tensor | None = None,
+         length: Tensor | None = None) -> None:
+    """Launch the Triton kernels on `buffer` (imported here: Triton is needed only on this path)."""
+    if buffer.numel() == 0:
+        return
     from megatron_speed.kernels import js_triton
 
-    layout = js_triton.TokenLayout(num_tokens=out.shape[1], mask=mask, start=start, length=length)
-    js_triton.launch_js_tokens(rewards.contiguous(), group_offsets.to(rewards.device).contiguous(), layout, out,
+    layout = js_triton.TokenLayout(num_tokens=num_tokens, mask=mask, start=start, length=length)
+    js_triton.launch_js_tokens(rewards.contiguous(), group_offsets.to(rewards.device).contiguous(), layout, buffer,
                                paper=lambda_variant == "paper", eps=eps, force_lambda=force_lambda)
-    return out
+
+
+def response_spans(response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(start, length) [N] int64 of masks that are ONE span per row (as `curriculum.batch` builds them):
+    start = first set position (0 for an empty row), length = number of set positions. Device ops only."""
+    on = response_mask != 0
+    length = on.sum(dim=1)
+    start = torch.where(length > 0, on.to(torch.uint8).argmax(dim=1), torch.zeros_like(length))
+    return start, length
 
 
 def js_token_advantages(rewards: Tensor, group_offsets: Tensor, response_mask: Tensor,
@@ -113,18 +126,21 @@ def js_token_advantages(rewards: Tensor, group_offsets: Tensor, response_mask: T
 
     rewards [N] float; group_offsets [G+1] int (CSR, groups may differ in size or be empty; moved to
     the rewards' device if needed); response_mask [N, T] (bool or 0/1, any strides). `out`, if
-    given, is a contiguous [N, T] `out_dtype` buffer that is fully overwritten and returned.
+    given, is a contiguous [N, T] `out_dtype` buffer that is fully overwritten and returned; otherwise the
+    Triton path returns the [N, T] view of a buffer whose rows are padded to 16 elements (aligned rows).
     CUDA tensors (or `force_triton`) take the Triton path; CPU tensors the PyTorch reference.
     """
     _check_options(lambda_variant, out_dtype, eps, force_lambda)
     _check_shapes(rewards, group_offsets, {"response_mask": response_mask})
     if response_mask.dim() != 2:
         raise ValueError(f"response_mask must be 2-D [N, T], got shape {tuple(response_mask.shape)}")
-    out = _output(out, rewards, response_mask.shape[1], out_dtype)
-    if not (rewards.is_cuda or force_triton):
-        return out.copy_(js_token_advantages_reference(rewards, group_offsets, response_mask, lambda_variant,
-                                                       out_dtype, eps=eps, force_lambda=force_lambda))
-    return _run(rewards, group_offsets, out, lambda_variant, eps, force_lambda, mask=response_mask)
+    triton_path = rewards.is_cuda or force_triton
+    buffer, result = _output(out, rewards, response_mask.shape[1], out_dtype, padded=triton_path)
+    if not triton_path:
+        return result.copy_(js_token_advantages_reference(rewards, group_offsets, response_mask, lambda_variant,
+                                                          out_dtype, eps=eps, force_lambda=force_lambda))
+    _run(rewards, group_offsets, buffer, response_mask.shape[1], lambda_variant, eps, force_lambda, mask=response_mask)
+    return result
 
 
 def js_token_advantages_from_lengths(rewards: Tensor, group_offsets: Tensor, response_start: Tensor,
@@ -145,14 +161,16 @@ def js_token_advantages_from_lengths(rewards: Tensor, group_offsets: Tensor, res
             raise ValueError(f"{name} must be a 1-D int32/int64 tensor [N], got {tensor.dtype} {tuple(tensor.shape)}")
     if num_tokens < 0:
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-    out = _output(out, rewards, num_tokens, out_dtype)
-    if not (rewards.is_cuda or force_triton):
-        return out.copy_(js_token_advantages_from_lengths_reference(
+    triton_path = rewards.is_cuda or force_triton
+    buffer, result = _output(out, rewards, num_tokens, out_dtype, padded=triton_path)
+    if not triton_path:
+        return result.copy_(js_token_advantages_from_lengths_reference(
             rewards, group_offsets, response_start, response_length, num_tokens, lambda_variant, out_dtype,
             eps=eps, force_lambda=force_lambda))
-    return _run(rewards, group_offsets, out, lambda_variant, eps, force_lambda, start=response_start.contiguous(),
-                length=response_length.contiguous())
+    _run(rewards, group_offsets, buffer, num_tokens, lambda_variant, eps, force_lambda,
+         start=response_start.contiguous(), length=response_length.contiguous())
+    return result
 
 
 __all__ = ["js_token_advantages", "js_token_advantages_from_lengths", "js_token_advantages_from_lengths_reference",
-           "js_token_advantages_reference", "spans_to_mask"]
+           "js_token_advantages_reference", "response_spans", "spans_to_mask"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -54,7 +55,7 @@ def _group_stats_kernel(rewards_ptr, offsets_ptr, sums_ptr, noise_ptr, row_group
         tl.store(row_group_ptr + first[:, None] + index, groups[:, None] + 0 * index, mask=inside)
     group_sum = tl.sum(total, axis=1)
     size_f = size.to(tl.float32)
-    mean = group_sum / tl.maximum(size_f, 1.0)
+    mean = tl.div_rn(group_sum, tl.maximum(size_f, 1.0))
     squares = tl.zeros([BLOCK_G, BLOCK_M], dtype=tl.float32)
     for m0 in range(0, longest, BLOCK_M):
         index = m0 + members[None, :]
@@ -63,8 +64,8 @@ def _group_stats_kernel(rewards_ptr, offsets_ptr, sums_ptr, noise_ptr, row_group
         deviation = tl.where(inside, reward - mean[:, None], 0.0)
         squares += deviation * deviation
     # w_k = (Σ (r - μ_k)² / (m_k - 1)) / m_k, defined as 0 where m_k <= 1 (it then counts nowhere).
-    variance = tl.sum(squares, axis=1) / tl.maximum(size_f - 1.0, 1.0)
-    noise = tl.where(size > 1, variance / tl.maximum(size_f, 1.0), 0.0)
+    variance = tl.div_rn(tl.sum(squares, axis=1), tl.maximum(size_f - 1.0, 1.0))
+    noise = tl.where(size > 1, tl.div_rn(variance, tl.maximum(size_f, 1.0)), 0.0)
     tl.store(sums_ptr + groups, group_sum, mask=live)
     tl.store(noise_ptr + groups, noise, mask=live)
 
@@ -74,7 +75,7 @@ def _group_size_and_mean(offsets_ptr, sums_ptr, groups, live):
     """(m_k, μ_k) as float32 for a vector of group indices; an empty or dead lane gives (0, 0)."""
     first = tl.load(offsets_ptr + groups, mask=live, other=0)
     size = (tl.load(offsets_ptr + groups + 1, mask=live, other=0) - first).to(tl.float32)
-    mean = tl.load(sums_ptr + groups, mask=live, other=0.0) / tl.maximum(size, 1.0)
+    mean = tl.div_rn(tl.load(sums_ptr + groups, mask=live, other=0.0), tl.maximum(size, 1.0))
     return size, mean
 
 
@@ -100,7 +101,7 @@ def _batch_totals(offsets_ptr, sums_ptr, noise_ptr, num_groups, BLOCK_G: tl.cons
         with_variance += (size > 1.0).to(tl.float32)
         noise_sum += tl.load(noise_ptr + groups, mask=live, other=0.0)
     n_present = tl.sum(present, axis=0)
-    centre = tl.sum(mean_sum, axis=0) / tl.maximum(n_present, 1.0)
+    centre = tl.div_rn(tl.sum(mean_sum, axis=0), tl.maximum(n_present, 1.0))
     dev_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
     dev_square = tl.zeros([BLOCK_G], dtype=tl.float32)
     for g0 in range(0, num_groups, BLOCK_G):
@@ -128,54 +129,59 @@ def _row_advantages(rows, live, rewards_ptr, offsets_ptr, sums_ptr, noise_ptr, r
     others = n_present - 1.0  # a row's own group is never empty
     count = tl.maximum(others, 1.0)
     d = mean - centre
-    offset = (sum_d - d) / count
-    spread = tl.maximum((sum_d2 - d * d) / count - offset * offset, 0.0)
-    noise = (sum_noise - group_noise) / tl.maximum(n_variance - (size > 1.0).to(tl.float32), 1.0)
+    offset = tl.div_rn(sum_d - d, count)
+    spread = tl.maximum(tl.div_rn(sum_d2 - d * d, count) - offset * offset, 0.0)
+    noise = tl.div_rn(sum_noise - group_noise, tl.maximum(n_variance - (size > 1.0).to(tl.float32), 1.0))
     if FORCE:
         lam = tl.zeros_like(noise) + force_value
     elif PAPER:
-        lam = others / (others + 1.0) * noise / (noise + spread + eps)
+        lam = tl.div_rn(tl.div_rn(others, others + 1.0) * noise, noise + spread + eps)
     else:
-        lam = noise / (noise + spread + eps)
+        lam = tl.div_rn(noise, noise + spread + eps)
     # Same order as the reference: size-1 groups take the other prompts' mean, then "no other prompt" wins.
     lam = tl.where(size == 1.0, 1.0, lam)
     lam = tl.where(others == 0.0, 0.0, lam)
-    loo = (group_sum - reward) / tl.maximum(size - 1.0, 1.0)
+    loo = tl.div_rn(group_sum - reward, tl.maximum(size - 1.0, 1.0))
     baseline = (1.0 - lam) * loo + lam * (centre + offset)
     return reward - baseline
 
 
 @triton.jit
-def _write_rows(advantage, rows, live, mask_ptr, start_ptr, length_ptr, out_ptr, num_tokens,
+def _write_rows(advantage, rows, live, mask_ptr, start_ptr, length_ptr, out_ptr, num_tokens, out_stride,
                 mask_stride_row, mask_stride_token, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Broadcast one advantage per row over its response tokens, [BLOCK_R, BLOCK_T] tiles along T.
+    """Broadcast one advantage per row over its response tokens, [BLOCK_R, BLOCK_T] tiles along the row.
 
     Mask layout: A * mask (the reference's `A.unsqueeze(-1) * response_mask`). Span layout: A on
-    [start, start + length), 0 elsewhere, and no mask is read. Every in-bounds element is written.
+    [start, start + length), 0 elsewhere, and no mask is read. Every element of the first
+    `out_stride` columns is written: columns [num_tokens, out_stride) are the output's padding to a
+    multiple of 16 (0 on the mask layout; outside the caller's view either way), which makes every
+    store mask constant over 16 columns, so stores are 128-bit (`st.global.v4`) wherever the
+    row stride allows it. All offsets are int64 products (N x T may exceed 2^31 elements).
     """
     row_base = rows.to(tl.int64)
     if not HAS_MASK:
         span_first = tl.load(start_ptr + rows, mask=live, other=0)
         span_last = span_first + tl.load(length_ptr + rows, mask=live, other=0)
-    for t0 in range(0, num_tokens, BLOCK_T):
+    for t0 in range(0, out_stride, BLOCK_T):
         cols = t0 + tl.arange(0, BLOCK_T)
-        inside = live[:, None] & (cols[None, :] < num_tokens)
         if HAS_MASK:
-            mask_offsets = row_base[:, None] * mask_stride_row + cols[None, :] * mask_stride_token
+            inside = live[:, None] & (cols[None, :] < num_tokens)
+            mask_offsets = row_base[:, None] * mask_stride_row + cols.to(tl.int64)[None, :] * mask_stride_token
             token_mask = tl.load(mask_ptr + mask_offsets, mask=inside, other=0)
             value = advantage[:, None] * token_mask.to(tl.float32)
         else:
             on = (cols[None, :] >= span_first[:, None]) & (cols[None, :] < span_last[:, None])
             value = tl.where(on, advantage[:, None], 0.0)
-        out_offsets = row_base[:, None] * num_tokens + cols[None, :]
-        tl.store(out_ptr + out_offsets, value.to(out_ptr.dtype.element_ty), mask=inside)
+        out_offsets = row_base[:, None] * out_stride + cols[None, :]
+        tl.store(out_ptr + out_offsets, value.to(out_ptr.dtype.element_ty),
+                 mask=live[:, None] & (cols[None, :] < out_stride))
 
 
 @triton.jit
 def _js_tokens_kernel(rewards_ptr, offsets_ptr, sums_ptr, noise_ptr, row_group_ptr, mask_ptr, start_ptr,
-                      length_ptr, out_ptr, num_rows, num_groups, num_tokens, mask_stride_row, mask_stride_token,
-                      eps, force_value, HAS_MASK: tl.constexpr, PAPER: tl.constexpr, FORCE: tl.constexpr,
-                      BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+                      length_ptr, out_ptr, num_rows, num_groups, num_tokens, out_stride, mask_stride_row,
+                      mask_stride_token, eps, force_value, HAS_MASK: tl.constexpr, PAPER: tl.constexpr,
+                      FORCE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
     """Persistent: batch totals once per program, then its row blocks (block = pid, pid + P, ...)."""
     n_present, centre, sum_d, sum_d2, n_variance, sum_noise = _batch_totals(
         offsets_ptr, sums_ptr, noise_ptr, num_groups, BLOCK_G)
@@ -185,8 +191,8 @@ def _js_tokens_kernel(rewards_ptr, offsets_ptr, sums_ptr, noise_ptr, row_group_p
         advantage = _row_advantages(rows, live, rewards_ptr, offsets_ptr, sums_ptr, noise_ptr, row_group_ptr,
                                     num_groups, n_present, centre, sum_d, sum_d2, n_variance, sum_noise, eps,
                                     force_value, PAPER, FORCE)
-        _write_rows(advantage, rows, live, mask_ptr, start_ptr, length_ptr, out_ptr, num_tokens, mask_stride_row,
-                    mask_stride_token, HAS_MASK, BLOCK_T)
+        _write_rows(advantage, rows, live, mask_ptr, start_ptr, length_ptr, out_ptr, num_tokens, out_stride,
+                    mask_stride_row, mask_stride_token, HAS_MASK, BLOCK_T)
 
 
 @dataclass(frozen=True)
@@ -236,19 +242,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _tiling(device: torch.device, num_rows: int, num_tokens: int, num_groups: int) -> _Tiling:
+def _tiling(limits: _Limits, num_rows: int, num_tokens: int, num_groups: int, *, sm_count: int = 1) -> _Tiling:
     """Block sizes from shapes only: the member block follows the mean group size N/G."""
-    limits = _GPU if device.type == "cuda" else _INTERPRETER
-    programs = limits.programs
-    if device.type == "cuda":
-        programs *= _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     mean_group = -(-num_rows // max(num_groups, 1))
     member_block = min(triton.next_power_of_2(max(mean_group, 1)), limits.members)
     token_block = min(triton.next_power_of_2(max(num_tokens, 1)), limits.tokens)
     return _Tiling(group_block=max(1, limits.stats // member_block), member_block=member_block,
                    totals_block=min(triton.next_power_of_2(max(num_groups, 1)), limits.totals),
                    row_block=max(1, min(limits.tile // token_block, triton.next_power_of_2(max(num_rows, 1)))),
-                   token_block=token_block, programs=programs, num_warps=limits.num_warps)
+                   token_block=token_block, programs=limits.programs * sm_count, num_warps=limits.num_warps)
 
 
 def _empty(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -256,30 +258,59 @@ def _empty(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(size, dtype=dtype, device=device)
 
 
-def launch_js_tokens(rewards: Tensor, group_offsets: Tensor, layout: TokenLayout, out: Tensor, *,
-                     paper: bool, eps: float, force_lambda: float | None) -> None:
-    """Write A_ij onto `out` [N, T] (contiguous). Inputs are validated by the caller; N, T, G > 0."""
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, fully bound: `kernel[grid](*args, **constants)`."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    constants: dict[str, Any]
+
+
+def plan_launches(rewards: Tensor, group_offsets: Tensor, layout: TokenLayout, out: Tensor, *, paper: bool,
+                  eps: float, force_lambda: float | None, limits: _Limits | None = None,
+                  sm_count: int = 1) -> list[Launch]:
+    """The two launches of one call, with their workspace; no device reads, so it also runs on meta tensors
+    (the ahead-of-time compile test builds exactly these launches for sm_80/sm_90 on a CPU machine).
+
+    `out` is [N, >= T] with unit column stride; its row stride is the width the kernel fills.
+    """
+    if limits is None:
+        limits = _GPU if rewards.device.type == "cuda" else _INTERPRETER
     num_rows, num_groups, num_tokens = rewards.numel(), group_offsets.numel() - 1, layout.num_tokens
-    tiling = _tiling(rewards.device, num_rows, num_tokens, num_groups)
+    tiling = _tiling(limits, num_rows, num_tokens, num_groups, sm_count=sm_count)
     sums = _empty(num_groups, torch.float32, rewards.device)
     noise = _empty(num_groups, torch.float32, rewards.device)
     row_group = _empty(num_rows, torch.int32, rewards.device)
-    stats_grid = (triton.cdiv(num_groups, tiling.group_block),)
-    _group_stats_kernel[stats_grid](rewards, group_offsets, sums, noise, row_group, num_groups,
-                                    BLOCK_G=tiling.group_block, BLOCK_M=tiling.member_block,
-                                    num_warps=tiling.num_warps)
+    stats = Launch(_group_stats_kernel, (triton.cdiv(num_groups, tiling.group_block),),
+                   (rewards, group_offsets, sums, noise, row_group, num_groups),
+                   {"BLOCK_G": tiling.group_block, "BLOCK_M": tiling.member_block, "num_warps": tiling.num_warps})
     has_mask = layout.mask is not None
     mask = layout.mask if has_mask else out  # placeholders are never read: HAS_MASK prunes that path
     start = layout.start if not has_mask else group_offsets
     length = layout.length if not has_mask else group_offsets
     mask_strides = mask.stride() if has_mask else (0, 0)
-    grid = (min(triton.cdiv(num_rows, tiling.row_block), tiling.programs),)
-    _js_tokens_kernel[grid](rewards, group_offsets, sums, noise, row_group, mask, start, length, out,
-                            num_rows, num_groups, num_tokens, mask_strides[0], mask_strides[1], eps,
-                            0.0 if force_lambda is None else force_lambda,
-                            HAS_MASK=has_mask, PAPER=paper, FORCE=force_lambda is not None,
-                            BLOCK_G=tiling.totals_block, BLOCK_R=tiling.row_block, BLOCK_T=tiling.token_block,
-                            num_warps=tiling.num_warps)
+    tokens = Launch(_js_tokens_kernel, (min(triton.cdiv(num_rows, tiling.row_block), tiling.programs),),
+                    (rewards, group_offsets, sums, noise, row_group, mask, start, length, out, num_rows, num_groups,
+                     num_tokens, out.stride(0), mask_strides[0], mask_strides[1], eps,
+                     0.0 if force_lambda is None else force_lambda),
+                    {"HAS_MASK": has_mask, "PAPER": paper, "FORCE": force_lambda is not None,
+                     "BLOCK_G": tiling.totals_block, "BLOCK_R": tiling.row_block, "BLOCK_T": tiling.token_block,
+                     "num_warps": tiling.num_warps})
+    return [stats, tokens]
 
 
-__all__ = ["TokenLayout", "launch_js_tokens"]
+def launch_js_tokens(rewards: Tensor, group_offsets: Tensor, layout: TokenLayout, out: Tensor, *,
+                     paper: bool, eps: float, force_lambda: float | None) -> None:
+    """Write A_ij onto `out` [N, >= T] (unit column stride; columns past T are padding the kernel also
+    fills). Inputs are validated by the caller; N, T, G > 0."""
+    sm_count = 1
+    if rewards.device.type == "cuda":
+        sm_count = _sm_count(rewards.device.index if rewards.device.index is not None else torch.cuda.current_device())
+    for launch in plan_launches(rewards, group_offsets, layout, out, paper=paper, eps=eps, force_lambda=force_lambda,
+                                sm_count=sm_count):
+        launch.kernel[launch.grid](*launch.args, **launch.constants)
+
+
+__all__ = ["Launch", "TokenLayout", "launch_js_tokens", "plan_launches"]

@@ -32,43 +32,78 @@
   resident memory, which fails in a process that already holds a trainer; `rollout.kv_cache_gib`
   sets it explicitly (both builds accept `kv_cache_memory_bytes`), which also skips the CPU
   build's profiling warm-up.
-* Executor: `uni` for a single process, `external_launcher` under torchrun (SPMD) on both builds.
+* Waking after a train step: 0.25.1 maps fresh memory at `wake_up` without first returning what
+  PyTorch's caching allocator holds; `release_cached_memory` does that before every wake.
+* Executor: `uni` for a single process (`mp` when it asks for tensor parallelism), `external_launcher`
+  under torchrun (SPMD) on both builds.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
 import torch
 
 from megatron_speed.config.schema import RolloutConfig
+from megatron_speed.memory.plan import EngineMemory
 
 
 def supports_sleep() -> bool:
     return torch.cuda.is_available()
 
 
-def engine_kwargs(cfg: RolloutConfig, *, max_model_len: int, world_size: int, seed: int) -> dict[str, Any]:
+def engine_kwargs(cfg: RolloutConfig, *, max_model_len: int, world_size: int, seed: int,
+                  memory: EngineMemory | None = None) -> dict[str, Any]:
+    """`vllm.LLM` keywords. `memory` (GPU, `rollout.kv_cache_gib` = 0): the share of what the actor left
+    free (`memory.runtime`), given as an explicit KV-cache size and the utilization vLLM checks is free."""
     explicit_kv = {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)} if cfg.kv_cache_gib else {}
+    utilization = cfg.gpu_memory_utilization
+    if memory is not None:
+        explicit_kv, utilization = {"kv_cache_memory_bytes": memory.kv_cache_bytes}, memory.utilization
     return {
         **explicit_kv,
         "dtype": "bfloat16" if torch.cuda.is_available() else "float32",
         "enforce_eager": cfg.enforce_eager,
-        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "gpu_memory_utilization": utilization,
         "max_model_len": max_model_len,
         "tensor_parallel_size": cfg.tensor_parallel_size,
-        "distributed_executor_backend": "uni" if world_size == 1 else "external_launcher",
+        "distributed_executor_backend": executor_backend(world_size, cfg.tensor_parallel_size),
         "enable_sleep_mode": supports_sleep(),
         "logprobs_mode": "processed_logprobs",
         "seed": seed,
     }
 
 
+def executor_backend(world_size: int, tensor_parallel_size: int) -> str:
+    """`external_launcher` under torchrun (each rank is one engine shard); in a single process `uni`,
+    or vLLM's own worker processes (`mp`) when that process asks for tensor parallelism (the evaluate
+    CLI's --tensor-parallel-size: `uni` has one worker and waits forever for the others)."""
+    if world_size > 1:
+        return "external_launcher"
+    return "uni" if tensor_parallel_size == 1 else "mp"
+
+
 def sleep(llm: Any) -> None:
     """Level 2: discard the weights too (the refit rewrites all of them) and free the KV cache."""
     if supports_sleep():
         llm.sleep(level=2)
+
+
+def release_cached_memory() -> None:
+    """Hand memory the trainer no longer uses back to the device before vLLM maps its own.
+
+    vLLM 0.25.1's `CuMemAllocator.wake_up` maps fresh physical memory and cannot reuse blocks that
+    PyTorch's caching allocator still holds (fp32 logits, activations, gathered export tensors, the
+    refit's buckets); after a real train step that is the difference between waking and an OOM.
+    Later vLLM releases do this inside `wake_up` (vLLM PR 49857); verl hit the same. `gc.collect()`
+    first: tensors kept alive only by reference cycles (autograd graphs, exceptions) are freed only
+    by the collector, and `empty_cache()` can return only blocks nothing references.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def wake_up(llm: Any, tags: list[str]) -> None:
@@ -96,19 +131,25 @@ def finish_reload(llm: Any, loaded: set[str]) -> None:
 
 
 # --- run on each worker (in-process: `uni` and `external_launcher` call them directly) ------------
+def _model(worker: Any) -> Any:
+    """The bare model, as vLLM's own reload reaches it: `model_runner.model` is a CUDA-graph wrapper
+    when graphs are captured (`enforce_eager=False`, the paper recipes), `get_model()` unwraps it."""
+    return worker.model_runner.get_model()
+
+
 def _begin_reload(worker: Any) -> None:
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
     with set_current_vllm_config(worker.vllm_config):
-        initialize_layerwise_reload(worker.model_runner.model)
+        initialize_layerwise_reload(_model(worker))
 
 
 def _load_bucket(worker: Any, bucket: list[tuple[str, torch.Tensor]]) -> set[str]:
     from vllm.config import set_current_vllm_config
 
     with set_current_vllm_config(worker.vllm_config), torch.no_grad():
-        return set(worker.model_runner.model.load_weights(iter(bucket)) or ())
+        return set(_model(worker).load_weights(iter(bucket)) or ())
 
 
 def _finish_reload(worker: Any, loaded: set[str]) -> list[str]:
@@ -116,7 +157,7 @@ def _finish_reload(worker: Any, loaded: set[str]) -> list[str]:
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-    model = worker.model_runner.model
+    model = _model(worker)
     quiet = logging.getLogger(finalize_layerwise_reload.__module__)
     level, quiet.level = quiet.level, logging.ERROR
     try:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from megatron_speed.config.schema import RolloutConfig
+from megatron_speed.memory.plan import EngineMemory
 from megatron_speed.records import Completion, PromptRecord, RolloutGroup, SampleRequest
 from megatron_speed.rollout import compat
 from megatron_speed.rollout.buckets import RefitStats, bucketize, tensor_bytes
@@ -39,13 +40,13 @@ class VLLMEngine:
     """Wraps `vllm.LLM` with the calls the loop needs and nothing else."""
 
     def __init__(self, hf_path: str | Path, cfg: RolloutConfig, *, max_model_len: int, world_size: int = 1,
-                 seed: int = 0, rank: int = 0) -> None:
+                 seed: int = 0, rank: int = 0, memory: EngineMemory | None = None) -> None:
         from vllm import LLM
 
         self.cfg = cfg
         started = time.perf_counter()
         self.llm = LLM(model=str(hf_path), **compat.engine_kwargs(cfg, max_model_len=max_model_len,
-                                                                  world_size=world_size, seed=seed))
+                                                                  world_size=world_size, seed=seed, memory=memory))
         self.tokenizer = self.llm.get_tokenizer()
         self.init_seconds = time.perf_counter() - started
         self.state = "awake"  # "awake" | "asleep" (weights and KV cache freed) | "weights" (weights back)
@@ -110,7 +111,10 @@ class VLLMEngine:
         self.state = "asleep"
 
     def wake_up(self, tags: list[str]) -> None:
-        """`["weights"]` before the refit, then `["kv_cache"]` before generating."""
+        """`["weights"]` before the refit, then `["kv_cache"]` before generating.
+
+        Every wake first returns the memory the trainer (or the refit) left in PyTorch's cache to the
+        device (`compat.release_cached_memory`): vLLM 0.25.1 cannot reuse it and would run out."""
         if tags == ["weights"]:
             self._require("asleep", "wake_up(weights)")
             next_state = "weights"
@@ -119,6 +123,7 @@ class VLLMEngine:
             next_state = "awake"
         else:
             raise ValueError(f"wake_up takes ['weights'] or ['kv_cache'], got {tags}")
+        compat.release_cached_memory()
         compat.wake_up(self.llm, tags)
         self.state = next_state
 

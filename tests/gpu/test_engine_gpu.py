@@ -46,3 +46,22 @@ def test_sleep_then_bucketed_refit_samples_from_the_new_weights(tmp_path: Path) 
     new = max((a - b).abs().max().item() for a, b in zip(engine_lp, _hf_sampled_logprobs(moved_dir, after)))
     old = max((a - b).abs().max().item() for a, b in zip(engine_lp, _hf_sampled_logprobs(hf_dir, after)))
     assert new < BF16_TOL < 10 * BF16_TOL < old
+
+
+def test_wake_up_succeeds_when_the_trainer_left_the_memory_in_pytorchs_cache(tmp_path: Path) -> None:
+    """vLLM 0.25.1 maps fresh memory at wake-up and cannot reuse PyTorch's cached blocks. A train step
+    leaves nearly all free memory cached (here: one freed tensor as large as what is free, minus
+    256 MiB); both wakes must still succeed because the engine returns the cache to the device first."""
+    from megatron_speed.rollout.engine import VLLMEngine
+
+    hf_dir = _tiny_qwen2(tmp_path / "model")
+    engine = VLLMEngine(hf_dir, RolloutConfig(n=2, max_new_tokens=4, kv_cache_gib=0.5), max_model_len=64)
+    engine.sleep()
+    cached = torch.empty(torch.cuda.mem_get_info()[0] - 256 * 2**20, dtype=torch.uint8, device="cuda")
+    del cached  # freed to PyTorch's caching allocator, not to the device
+    assert torch.cuda.memory_reserved() > torch.cuda.mem_get_info()[0]
+    engine.wake_up(["weights"])
+    engine.update_weights(iter(_perturbed(hf_dir, tmp_path / "moved")[1].items()))
+    engine.wake_up(["kv_cache"])
+    request = [SampleRequest(prompt=PromptRecord(uid="0", prompt=" 1+2=", answer="3"), n=2)]
+    assert len(engine.generate(request, policy_version=1)[0].completions) == 2

@@ -250,3 +250,45 @@ def test_parallel_layout_errors_name_the_key(hf_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"parallel\.pipeline_parallel_size"):
         _check_layout(two_layers, 4, 1)
     _check_layout(two_layers, 2, 1)
+
+
+def test_token_logprobs_leave_one_row_float32_logits_untouched() -> None:
+    """megatron's cross entropy works in place; with one row at temperature 1.0 the shifted logits are a
+    view of the model's own float32 logits, so the log-probs must be taken from a copy."""
+    from megatron_speed.actor.logprobs import token_logprobs
+
+    init_parallel(ParallelConfig(), seed=1)
+    logits = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 32, (1, 6), generator=torch.Generator().manual_seed(1))
+    before = logits.clone()
+    logp = token_logprobs(logits, tokens)
+    expected = torch.log_softmax(before[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+    assert torch.equal(logits, before)
+    assert torch.allclose(logp, expected, atol=1e-6)
+
+
+def test_entropy_bonus_is_the_same_with_one_row_micro_batches(hf_dir: Path) -> None:
+    """Entropy stat and gradient with one-row micro-batches equal those of one 8-row micro-batch
+    (entropy_coef > 0, temperature 1.0, float32: the case where the logits were modified in place)."""
+    from megatron_speed.actor.actor import _split
+    from megatron_speed.actor.cpu_support import cpu_megatron
+
+    init_parallel(ParallelConfig(), seed=1)
+    actor = MegatronActor(hf_dir, model_cfg=ModelConfig(), optim_cfg=OptimConfig(micro_batch_size=1,
+                          mini_batch_size=8), algorithm_cfg=AlgorithmConfig(entropy_coef=0.5), temperature=1.0,
+                          horizon=11, total_steps=1)
+    tokens = torch.randint(0, 32, (8, 12), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(8, 11)
+    adv = torch.randn(8, 1, generator=torch.Generator().manual_seed(10)) * mask
+    old = actor.compute_logprobs(tokens)
+    entropy, grads = [], []
+    for micro in (8, 1):
+        with cpu_megatron():
+            actor.model.zero_grad_buffer()
+            out = actor._run_schedule(_split(micro, tokens, mask, old, adv), train=True)
+        entropy.append(sum(float(o["entropy_sum"]) for o in out))
+        grads.append({n: p.main_grad.clone() for n, p in actor.module.named_parameters()})
+    assert entropy[0] > 8 * 11 * 0.5  # near log(32) per token for a random model, far from 0
+    assert entropy[1] == pytest.approx(entropy[0], rel=1e-5)
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-6, rtol=1e-4), name

@@ -155,3 +155,33 @@ def test_tiny_models_write_loadable_folders(tmp_path: Path) -> None:
     cfg = AutoConfig.from_pretrained(path)
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.tie_word_embeddings, cfg.head_dim) == ("qwen3", 3, True, 64)
     assert (path / "tokenizer.json").exists() and (path / "model.safetensors").exists()
+
+
+BROKEN_TE = {  # a TransformerEngine install whose top-level package imports but whose torch part cannot load
+    "transformer_engine/__init__.py": "__version__ = '2.20.2'\n",
+    "transformer_engine/pytorch/__init__.py":
+        "raise OSError('libtransformer_engine.so: undefined symbol: cudaGetDriverEntryPointByVersion')\n",
+}
+
+
+def test_auto_backend_falls_back_to_sdpa_when_transformer_engine_pytorch_cannot_load(tmp_path: Path) -> None:
+    """`import transformer_engine` succeeding is not enough: megatron needs `transformer_engine.pytorch`
+    (its HAVE_TE probe). Run in a fresh interpreter with that broken install first on the path."""
+    import subprocess
+    import sys
+
+    for name, text in BROKEN_TE.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    script = ("import transformer_engine\n"  # the shallow probe passes
+              "from megatron_speed.actor.model import resolve_attention_backend\n"
+              "from megatron_speed.config.base import ConfigError\n"
+              "print(resolve_attention_backend('auto'))\n"
+              "try:\n    resolve_attention_backend('te')\nexcept ConfigError as err:\n    print('te:', err)\n")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{root}"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "sdpa"
+    assert lines[1].startswith("te:") and "model.attention_backend" in lines[1] and "undefined symbol" in lines[1]

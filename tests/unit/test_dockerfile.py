@@ -67,5 +67,17 @@ def test_runs_as_a_non_root_user() -> None:
 
 def test_dockerignore_keeps_the_context_small() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
-    for entry in (".git", "runs", ".venv", "**/__pycache__", "tests"):
+    for entry in (".git", "runs", ".venv", "**/__pycache__"):
         assert entry in ignored, entry
+    assert "tests" not in ignored  # the image carries its tests (test_the_image_can_run_the_gpu_tests)
+
+
+def test_the_image_can_run_the_gpu_tests() -> None:
+    """tests/ is copied next to pyproject.toml (markers, pythonpath) and pytest is installed at the
+    `test` extra's pins."""
+    text = DOCKERFILE.read_text()
+    assert "COPY tests /opt/megatron-speed/tests" in text and "COPY pyproject.toml" in text
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for pin in project["optional-dependencies"]["test"]:
+        if pin.split("==")[0] in ("pytest", "hypothesis"):
+            assert pin in text, pin

@@ -204,7 +204,49 @@ def check_bf16_case(seed: int) -> None:
                  rtol=BF16_RTOL, floor=0.0, atol=2e-6)
 
 
+def check_padded_output_rows(seed: int) -> None:
+    """Without `out`, the Triton path fills a buffer whose rows are padded to 16 elements (aligned rows,
+    128-bit stores) and returns its [N, T] view, for both layouts and a T that is not a multiple of 16."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = random_sizes(gen, groups=7, max_size=5, allow_empty=False)
+    n, t = sum(sizes), 19
+    rewards, offsets, mask = random_rewards(n, "normal", gen), offsets_of(sizes), random_mask(n, t, gen)
+    out = js_token_advantages(rewards, offsets, mask, force_triton=True)
+    assert out.shape == (n, t) and out.stride() == (32, 1), out.stride()
+    assert_close(out, reference64(rewards, offsets, mask), seed)
+    start, length = random_spans(n, t, gen)
+    out = js_token_advantages_from_lengths(rewards, offsets, start, length, t, force_triton=True)
+    assert out.shape == (n, t) and out.stride() == (32, 1), out.stride()
+    assert_close(out, reference64(rewards, offsets, spans_to_mask(start, length, t)), seed)
+
+
 # ---------------------------------------------------------------- tests
+
+
+def test_padded_output_rows(interpreter: Interpreter) -> None:
+    interpreter(check_padded_output_rows, fresh_seed())
+
+
+def test_response_spans_describe_the_trainers_masks() -> None:
+    """The trainer passes (start, length) of its one-span-per-row masks: they give back the same mask."""
+    from megatron_speed.curriculum.batch import build_train_batch
+    from megatron_speed.kernels import response_spans
+    from megatron_speed.records import Completion, PromptRecord, RolloutGroup
+
+    def group(uid: str, prompt: int, responses: list[int]) -> RolloutGroup:
+        completions = [Completion(token_ids=tuple(range(3, 3 + m)), logprobs=(-0.5,) * m, text="x",
+                                  finish_reason="stop") for m in responses]
+        g = RolloutGroup(prompt=PromptRecord(uid=uid, prompt="p", answer="1"), prompt_token_ids=tuple(range(prompt)),
+                         phase="train", policy_version=0, completions=completions)
+        g.rewards = [1.0] * len(responses)
+        return g
+
+    batch = build_train_batch([group("a", 5, [1, 7, 3]), group("b", 2, [9, 4])], pad_id=0)
+    start, length = response_spans(batch.response_mask)
+    assert torch.equal(spans_to_mask(start, length, batch.response_mask.shape[1]), batch.response_mask.bool())
+    assert length.tolist() == [1, 7, 3, 9, 4]
+    empty_start, empty_length = response_spans(torch.zeros(2, 5))
+    assert empty_start.tolist() == [0, 0] and empty_length.tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("variant", ["code", "paper"])

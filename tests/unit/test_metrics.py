@@ -107,3 +107,23 @@ def test_plot_runs_writes_png(tmp_path: Path) -> None:
     runs = {"rloo": [(0.0, 0.3), (20.0, 0.5)], "speed-rloo": [(0.0, 0.3), (12.0, 0.55)], "empty": []}
     assert_png(plot_runs(runs, tmp_path / "runs.png", title="algorithms", target=0.5))
     assert_png(plot_runs(runs, tmp_path / "runs_no_target.png", title="algorithms", target=None))
+
+
+def test_phase_timer_charges_queued_device_work_to_the_phase_that_queued_it() -> None:
+    """A phase ends only when the device has finished its work: the synchronise at the boundary (here a
+    stand-in that waits 50 ms, as a GPU finishing a queued backward would) is inside the phase."""
+    import time
+
+    queued: list[float] = []
+
+    def synchronize() -> None:  # the device finishing whatever was queued
+        while queued:
+            time.sleep(queued.pop())
+
+    timer = PhaseTimer(synchronize=synchronize)
+    with timer("train"):
+        queued.append(0.05)  # an asynchronous launch returns at once
+    with timer("refit"):
+        pass
+    times = timer.pop()
+    assert times["time/train"] >= 0.05 and times["time/refit"] < 0.05

@@ -246,3 +246,60 @@ def test_a_refit_that_misses_a_tensor_names_it(engine: VLLMEngine, hf_dir: Path)
     with pytest.raises(RuntimeError, match=r"1 engine parameter\(s\) with stale weights: "
                                            r"model\.layers\.1\.mlp\.down_proj\.weight"):
         engine.update_weights(named)
+
+
+def test_every_wake_first_frees_what_only_reference_cycles_keep(engine: VLLMEngine) -> None:
+    """Before each wake the engine runs the collector (then empties the CUDA cache on a GPU): a tensor
+    held only by a reference cycle, as autograd graphs and exceptions leave them after a train step,
+    is gone by the time vLLM maps its memory, for ["weights"] and again for ["kv_cache"]."""
+    import gc
+    import weakref
+
+    def orphan_cycle() -> weakref.ref:
+        holder: dict = {"logits": torch.empty(1024, 1024)}
+        holder["self"] = holder  # the cycle: only the collector frees it
+        return weakref.ref(holder["logits"])
+
+    engine.sleep()
+    gc.disable()  # no automatic collection may run in between
+    try:
+        for tags in (["weights"], ["kv_cache"]):
+            alive = orphan_cycle()
+            assert alive() is not None
+            engine.wake_up(tags)
+            assert alive() is None, f"wake_up({tags}) left the cycle's tensor allocated"
+    finally:
+        gc.enable()
+
+
+def test_a_single_process_with_rollout_tp_gets_vllms_worker_processes() -> None:
+    """`python -m megatron_speed.evaluate --tensor-parallel-size 2` runs in one process: the `uni`
+    executor has a single worker and would wait forever for the second; vLLM's `mp` spawns them."""
+    from megatron_speed.rollout import compat
+
+    def backend(world: int, tp: int) -> str:
+        cfg = RolloutConfig(tensor_parallel_size=tp)
+        return compat.engine_kwargs(cfg, max_model_len=64, world_size=world, seed=0)["distributed_executor_backend"]
+
+    assert backend(1, 1) == "uni" and backend(1, 2) == "mp"
+    assert backend(2, 1) == "external_launcher" and backend(2, 2) == "external_launcher"
+
+
+def test_groups_travel_as_tensors_and_json_and_come_back_equal() -> None:
+    """What a replica leader sends (no pickle): ints, float64 and UTF-8 JSON rebuild the same groups, with
+    the engine's log-probs bit for bit, rewards, texts, finish reasons and unscored groups intact."""
+    import math
+
+    from megatron_speed.records import Completion
+    from megatron_speed.rollout.replicas import _pack_groups, _unpack_groups
+
+    prompt = PromptRecord(uid="é-1", prompt=" 12+7=", answer="19", source="toy")
+    scored = RolloutGroup(prompt=prompt, prompt_token_ids=(5, 6, 7), phase="screen", policy_version=3,
+                          completions=[Completion(token_ids=(1, 2), logprobs=(-0.1, -math.pi), text="\\boxed{19}",
+                                                  finish_reason="stop"),
+                                       Completion(token_ids=(), logprobs=(), text="", finish_reason="length")],
+                          rewards=[1.0, 0.0])
+    unscored = RolloutGroup(prompt=prompt, prompt_token_ids=(), completions=[])
+    groups, faults = _unpack_groups(_pack_groups([scored, unscored], {"reward/timeouts": 2.0}))
+    assert groups == [scored, unscored] and faults == {"reward/timeouts": 2.0}
+    assert groups[0].completions[0].logprobs[1] == -math.pi
