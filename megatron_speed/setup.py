@@ -153,7 +153,9 @@ def build(cfg: Config) -> Components:
     actor = MegatronActor(hf_path, model_cfg=cfg.model, optim_cfg=cfg.optim, algorithm_cfg=cfg.algorithm,
                           temperature=cfg.rollout.temperature, horizon=cfg.rollout.max_new_tokens,
                           total_steps=cfg.run.steps * cfg.trajectories_per_step // cfg.optim.mini_batch_size,
-                          tp=dims.tp, pp=dims.pp)
+                          tp=dims.tp, pp=dims.pp,
+                          first_stage_layers=cfg.parallel.num_layers_in_first_pipeline_stage,
+                          last_stage_layers=cfg.parallel.num_layers_in_last_pipeline_stage)
     sampler = PromptSampler(train, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Components(

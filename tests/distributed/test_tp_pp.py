@@ -16,7 +16,8 @@ cannot share the torchrun world). Checked per case:
 * every rank returns the same full results (the SPMD contract).
 
 The models are 4-layer tiny qwen2 (tied embeddings: PP puts a copy of the embedding on the last
-stage) and llama (untied), so PP=2 x VPP=2 gets one layer per chunk.
+stage) and llama (untied), so PP=2 x VPP=2 gets one layer per chunk; the uneven cases put 1 + 3
+(qwen2, `first=1`) and 3 + 1 (llama, `last=1`) layers on the two stages.
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ CASES = [  # (family, layout, master port)
     ("qwen2", {"distributed_optimizer": True, "micro_batch_tokens": 30}, 29613),
     ("llama", {"tp": 2}, 29614),
     ("llama", {"pp": 2, "micro_batch_tokens": 30}, 29615),
+    # Uneven stages (megatron's num_layers_in_first/last_pipeline_stage): 1 + 3 and 3 + 1 layers.
+    ("qwen2", {"pp": 2, "first": 1}, 29616),
+    ("llama", {"pp": 2, "last": 1, "micro_batch_tokens": 30}, 29617),
 ]
+UNEVEN = {"first": (1, 3), "last": (3, 1)}  # layers per stage of the uneven cases' 4-layer models
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +126,7 @@ def test_layout_matches_the_single_rank_actor(models: dict[str, Path], reference
     assert ranks[0]["stats"] == ranks[1]["stats"]
     for name, tensor in ranks[0]["after"].items():
         assert torch.equal(tensor, ranks[1]["after"][name]), name
+    for key, split in UNEVEN.items():  # each stage really built its own share of the layers
+        if key in layout:
+            assert [r["layers_per_stage"] for r in ranks] == [split, split]
+            assert [r["local_layers"] for r in ranks] == list(split)

@@ -249,4 +249,35 @@ def test_parallel_layout_errors_name_the_key(hf_dir: Path) -> None:
         _check_layout(two_layers, 2, 2)
     with pytest.raises(ConfigError, match=r"parallel\.pipeline_parallel_size"):
         _check_layout(two_layers, 4, 1)
-    _check_layout(two_layers, 2, 1)
+    assert _check_layout(two_layers, 2, 1) == (1, 1)
+
+
+def test_uneven_pipeline_stages_validate_with_dotted_keys() -> None:
+    """megatron-core's uneven split: the end stages' sizes, the middle stages share the rest equally."""
+    from megatron_speed.config import load_config
+    from megatron_speed.config.base import ConfigError
+
+    qwen3_4b = ParallelConfig(pipeline_parallel_size=8, num_layers_in_first_pipeline_stage=3,
+                              num_layers_in_last_pipeline_stage=3)
+    assert qwen3_4b.layers_per_stage(36) == (3, 5, 5, 5, 5, 5, 5, 3)
+    assert ParallelConfig(pipeline_parallel_size=4, num_layers_in_last_pipeline_stage=1).layers_per_stage(7) == \
+        (2, 2, 2, 1)
+    assert ParallelConfig(pipeline_parallel_size=2, num_layers_in_first_pipeline_stage=1).layers_per_stage(3) == (1, 2)
+    with pytest.raises(ConfigError, match=r"^parallel\.pipeline_parallel_size \(8\) .*36 layers.*"
+                                          r"e\.g\. parallel\.num_layers_in_first_pipeline_stage=3 "
+                                          r"parallel\.num_layers_in_last_pipeline_stage=3$"):
+        ParallelConfig(pipeline_parallel_size=8).layers_per_stage(36)
+    with pytest.raises(ConfigError, match=r"^parallel\.num_layers_in_first_pipeline_stage \(2\) leaves 34 of the "
+                                          r"model's 36 layers for 7 other pipeline stage\(s\)"):
+        ParallelConfig(pipeline_parallel_size=8, num_layers_in_first_pipeline_stage=2).layers_per_stage(36)
+    with pytest.raises(ConfigError, match=r"leaves 0 of the model's 3 layers for 1 other"):
+        ParallelConfig(pipeline_parallel_size=2, num_layers_in_last_pipeline_stage=3).layers_per_stage(3)
+    for override, rule in (("parallel.num_layers_in_first_pipeline_stage=0", "must be >= 1"),
+                           ("parallel.num_layers_in_last_pipeline_stage=2", "needs pipeline parallelism")):
+        with pytest.raises(ConfigError, match=rf"^{override.split('=')[0]} .*{rule}"):
+            load_config("toy_cpu", [override])
+    with pytest.raises(ConfigError, match=r"not supported with virtual pipeline stages"):
+        load_config("toy_cpu", ["parallel.pipeline_parallel_size=2", "parallel.virtual_pipeline_parallel_size=2",
+                                "parallel.num_layers_in_first_pipeline_stage=1"])
+    assert load_config("toy_cpu", ["parallel.pipeline_parallel_size=2", "parallel.num_layers_in_first_pipeline_stage=1"]
+                       ).parallel.layers_per_stage(3) == (1, 2)
