@@ -22,6 +22,7 @@ from megatron_speed.data import PromptSampler, read_many
 from megatron_speed.evaluate import cap_per_set, resolve_files
 from megatron_speed.metrics import MetricsLogger
 from megatron_speed.parallel import ParallelDims, init_parallel
+from megatron_speed.preflight import check_paths
 from megatron_speed.records import PromptRecord
 from megatron_speed.rewards import RewardPool
 from megatron_speed.rollout.engine import VLLMEngine
@@ -125,6 +126,7 @@ def read_split(paths: tuple[str, ...], cfg: Config, tokenizer: Any, *, max_promp
 
 
 def build(cfg: Config) -> Components:
+    check_paths(cfg)  # a missing model folder or prompt file stops here, before any process group
     dims = init_parallel(cfg.parallel, seed=cfg.run.seed)
     out_dir = Path(cfg.run.output_dir) / cfg.run.name
     resume_from = resolve_resume(cfg.run.resume, out_dir)
