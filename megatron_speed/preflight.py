@@ -9,8 +9,8 @@ a missing paper model names `MEGATRON_SPEED_MODEL_DIR` (the paper recipes resolv
 `MEGATRON_SPEED_MODEL_DIR` / `MEGATRON_SPEED_DATA_DIR` when they are built, see recipes/papers.py).
 
 Without this a missing model folder surfaces from inside transformers as a hub connection error on
-every rank. Deliberately left out: reading the files (the readers count bad rows) and the toy task,
-whose model and prompts the run writes itself.
+every rank. Deliberately left out: reading the files (the readers count bad rows), and what the
+toy task writes itself (its model, and its generated splits even when listed in data.*_files).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import Config
 from megatron_speed.data.sources import SOURCES
+from megatron_speed.data.toy_task import split_file
 from megatron_speed.evaluate import resolve_files
 from megatron_speed.recipes.papers import DATA_DIR_ENV, MODEL_DIR_ENV
 
@@ -71,11 +72,11 @@ def _prepare_command(path: Path) -> str:
             "without --input it is loaded from the hub through `datasets`), ")
 
 
-def _file_problems(key: str, files: tuple[str, ...], *, mover: str) -> list[ConfigError]:
+def _file_problems(key: str, files: tuple[str, ...], *, mover: str, generated: set[Path]) -> list[ConfigError]:
     problems = []
     for entry in files:
         path = Path(entry)
-        if path.is_file():
+        if path.is_file() or path.resolve() in generated:
             continue
         problems.append(ConfigError(key, str(path), "does not exist" if not path.exists() else "is not a file",
                                     _prepare_command(path) + mover + _env_hint(path, DATA_DIR_ENV, "data")))
@@ -99,12 +100,14 @@ def _split_problem(cfg: Config) -> ConfigError | None:
 def check_paths(cfg: Config) -> None:
     """Raise `MissingPathsError` listing every missing model folder and prompt file of `cfg`, or the
     ConfigError of a pipeline split that does not fit the model."""
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    generated = {split_file(run_dir, s).resolve() for s in ("train", "eval")} if cfg.data.toy is not None else set()
     problems = [p for p in [_model_problem(cfg)] if p is not None]
-    problems += _file_problems("data.train_files", cfg.data.train_files,
+    problems += _file_problems("data.train_files", cfg.data.train_files, generated=generated,
                                mover="or override data.train_files=[path.jsonl,...]")
-    problems += _file_problems("data.eval_files", cfg.data.eval_files,
+    problems += _file_problems("data.eval_files", cfg.data.eval_files, generated=generated,
                                mover="or override data.eval_files=[path.jsonl,...]")
-    problems += _file_problems("eval.files", resolve_files(cfg.eval),
+    problems += _file_problems("eval.files", resolve_files(cfg.eval), generated=generated,
                                mover=f"or point eval.data_dir (now {cfg.eval.data_dir!r}) at the folder that "
                                      "holds it, or drop it from eval.files")
     if problems:

@@ -91,15 +91,27 @@ def _on_main_first(dims: ParallelDims, fn: Any) -> Any:
 
 
 def prepare_data(cfg: Config, out_dir: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Paths of the train and held-out prompt files; the toy task writes its splits first."""
+    """Paths of the train and held-out prompt files.
+
+    The toy task writes its generated splits (`toy_task.split_file`); explicit files replace the split
+    of their kind: `data.train_files` the train split (the toy model and its warm start stay),
+    `data.eval_files` the held-out split, unless they list the generated file too. The log says
+    which. `eval.files` always add sets."""
     if cfg.data.toy is None:
         return cfg.data.train_files, cfg.data.eval_files
-    from megatron_speed.data.toy_task import make_problems, write_jsonl
+    from megatron_speed.data.toy_task import make_problems, split_file, write_jsonl
 
-    data_dir = out_dir / "data"
-    train = write_jsonl(make_problems(cfg.data.toy, "train"), data_dir / "toy_train.jsonl")
-    held_out = write_jsonl(make_problems(cfg.data.toy, "eval"), data_dir / "toy_eval.jsonl")
-    return (*cfg.data.train_files, str(train)), (*cfg.data.eval_files, str(held_out))
+    splits = []
+    for split, key, files in (("train", "data.train_files", cfg.data.train_files),
+                              ("eval", "data.eval_files", cfg.data.eval_files)):
+        toy_file = write_jsonl(make_problems(cfg.data.toy, split), split_file(out_dir, split))
+        if files and toy_file.resolve() not in {Path(f).resolve() for f in files}:
+            log.info("%s is set: it replaces the toy task's generated %s split, which is not used (to use "
+                     "both, list it too: %s=[%s])", key, split, key, ",".join((*files, str(toy_file))))
+        elif files:
+            log.info("%s lists the toy task's generated %s split beside other files: all are used", key, split)
+        splits.append(files or (str(toy_file),))
+    return splits[0], splits[1]
 
 
 def prepare_model(cfg: Config) -> Path:

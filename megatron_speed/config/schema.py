@@ -65,7 +65,11 @@ class ToyTaskConfig(Section):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig(Section):
-    """Prompt files (jsonl or parquet with id, prompt, answer[, source]) or the toy task."""
+    """Prompt files (jsonl or parquet with id, prompt, answer[, source]) or the toy task.
+
+    With `toy` set, the toy task generates a train and a held-out split; files given here REPLACE
+    the generated split of their kind (`train_files` the train split, `eval_files` the held-out
+    one), so `data.train_files=[my.jsonl]` trains on that file alone. `eval.files` add sets."""
 
     train_files: tuple[str, ...] = ()
     eval_files: tuple[str, ...] = ()

@@ -74,3 +74,26 @@ def test_a_folder_without_config_and_a_missing_user_file(tmp_path: Path) -> None
     assert second.key == "data.train_files" and second.value == str(tmp_path / "mine.jsonl")
     assert "prepare.py" not in second.fix  # not a prepared dataset's name
     check_paths(load_config("toy_cpu"))  # the toy writes its own model and prompts
+
+
+def test_toy_train_files_replace_the_generated_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`data.train_files=[my.jsonl]` on a toy recipe trains on that file alone (the held-out split stays
+    the toy's); listing the generated file too uses both; `data.eval_files` replaces the held-out split."""
+    from megatron_speed.setup import prepare_data
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"id": "a", "prompt": " 12+  30=", "answer": "42"}\n')
+    run_dir = tmp_path / "toy_cpu"
+    toy_train, toy_eval = run_dir / "data" / "toy_train.jsonl", run_dir / "data" / "toy_eval.jsonl"
+    overrides = [f"run.output_dir={tmp_path}", "data.toy.train_size=50", "data.toy.eval_size=10"]
+    with caplog.at_level("INFO", logger="megatron_speed"):
+        train, held_out = prepare_data(load_config("toy_cpu", [*overrides, f"data.train_files=[{mine}]"]), run_dir)
+    assert (train, held_out) == ((str(mine),), (str(toy_eval),))
+    assert "data.train_files is set: it replaces the toy task's generated train split" in caplog.text
+    assert f"data.train_files=[{mine},{toy_train}]" in caplog.text  # how to use both
+    both = load_config("toy_cpu", [*overrides, f"data.train_files=[{mine},{toy_train}]"])
+    check_paths(both)  # the generated file is written by the run itself
+    assert prepare_data(both, run_dir)[0] == (str(mine), str(toy_train))
+    assert len(toy_train.read_text().splitlines()) == 50
+    own_eval = prepare_data(load_config("toy_cpu", [*overrides, f"data.eval_files=[{mine}]"]), run_dir)
+    assert own_eval == ((str(toy_train),), (str(mine),))
