@@ -141,7 +141,7 @@ class ParallelConfig(Section):
     Pipeline stages hold equal layer counts unless `num_layers_in_first_pipeline_stage` and/or
     `num_layers_in_last_pipeline_stage` are set (megatron-core's uneven split): the stages in between
     share the remaining layers equally. E.g. 36 layers on 8 stages: first=3, last=3, six stages of 5.
-    Uneven stages with virtual pipeline stages are left out (not tested here)."""
+    With virtual stages every stage's count divides by `virtual_pipeline_parallel_size`."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -173,10 +173,17 @@ class ParallelConfig(Section):
             require(self.pipeline_parallel_size > 1, key, value,
                     "needs pipeline parallelism (parallel.pipeline_parallel_size > 1)",
                     f"set parallel.pipeline_parallel_size >= 2 or parallel.{key}=null")
-            require(self.virtual_pipeline_parallel_size == 1, key, value,
-                    f"is not supported with virtual pipeline stages (virtual_pipeline_parallel_size="
-                    f"{self.virtual_pipeline_parallel_size})",
-                    f"set parallel.virtual_pipeline_parallel_size=1 or parallel.{key}=null")
+            vpp = self.virtual_pipeline_parallel_size
+            require(value % vpp == 0, key, value,
+                    f"must be a multiple of virtual_pipeline_parallel_size ({vpp}): each virtual stage of a pipeline "
+                    "stage holds the same number of layers", f"use a multiple of {vpp}")
+        # megatron-core 0.16 divides by the number of middle stages when placing virtual stages.
+        require(self.virtual_pipeline_parallel_size == 1 or self.pipeline_parallel_size > 2
+                or None in (self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage),
+                "num_layers_in_last_pipeline_stage", self.num_layers_in_last_pipeline_stage,
+                "cannot be set together with num_layers_in_first_pipeline_stage when pipeline_parallel_size=2 has "
+                "virtual stages (there is no middle stage)",
+                "set parallel.num_layers_in_last_pipeline_stage=null: the last stage takes the remaining layers")
 
     def layers_per_stage(self, num_layers: int) -> tuple[int, ...]:
         """Transformer layers on each pipeline stage for a model of `num_layers` layers (megatron-core's
@@ -189,7 +196,7 @@ class ParallelConfig(Section):
                     f"pipeline_parallel_size ({pp}) x virtual_pipeline_parallel_size ({vpp}) must divide the "
                     f"model's {num_layers} layers", "choose sizes whose product divides the layers, or uneven "
                     "end stages (parallel.num_layers_in_first_pipeline_stage / _last_pipeline_stage)"
-                    + _uneven_hint(num_layers, pp))
+                    + (_uneven_hint(num_layers, pp) if vpp == 1 else ""))
             return (num_layers // pp,) * pp
         first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
         middle = pp - (first is not None) - (last is not None)
@@ -197,12 +204,12 @@ class ParallelConfig(Section):
         key = "parallel.num_layers_in_first_pipeline_stage" if first is not None else \
             "parallel.num_layers_in_last_pipeline_stage"
         value = first if first is not None else last
-        fits = rest == 0 if middle == 0 else rest >= middle and rest % middle == 0
+        fits = rest == 0 if middle == 0 else rest >= middle * vpp and rest % (middle * vpp) == 0
         require(fits, key, value,
                 f"leaves {rest} of the model's {num_layers} layers for {middle} other pipeline stage(s) "
-                f"(first={first}, last={last}, pipeline_parallel_size={pp}), which must "
-                + ("be 0" if middle == 0 else f"be a positive multiple of {middle}"),
-                "pick end-stage sizes that fit" + _uneven_hint(num_layers, pp))
+                f"(first={first}, last={last}, pipeline_parallel_size={pp}, virtual_pipeline_parallel_size={vpp}), "
+                "which must " + ("be 0" if middle == 0 else f"be a positive multiple of {middle * vpp}"),
+                "pick end-stage sizes that fit" + (_uneven_hint(num_layers, pp) if vpp == 1 else ""))
         inner = rest // middle if middle else 0
         return (first if first is not None else inner, *(inner,) * (pp - 2),
                 last if last is not None else inner)

@@ -276,8 +276,16 @@ def test_uneven_pipeline_stages_validate_with_dotted_keys() -> None:
                            ("parallel.num_layers_in_last_pipeline_stage=2", "needs pipeline parallelism")):
         with pytest.raises(ConfigError, match=rf"^{override.split('=')[0]} .*{rule}"):
             load_config("toy_cpu", [override])
-    with pytest.raises(ConfigError, match=r"not supported with virtual pipeline stages"):
-        load_config("toy_cpu", ["parallel.pipeline_parallel_size=2", "parallel.virtual_pipeline_parallel_size=2",
-                                "parallel.num_layers_in_first_pipeline_stage=1"])
+    vpp2 = ["parallel.pipeline_parallel_size=2", "parallel.virtual_pipeline_parallel_size=2"]
+    with pytest.raises(ConfigError, match=r"^parallel\.num_layers_in_first_pipeline_stage \(1\) must be a multiple "
+                                          r"of virtual_pipeline_parallel_size \(2\)"):
+        load_config("toy_cpu", [*vpp2, "parallel.num_layers_in_first_pipeline_stage=1"])
+    with pytest.raises(ConfigError, match=r"^parallel\.num_layers_in_last_pipeline_stage \(2\) cannot be set together"):
+        load_config("toy_cpu", [*vpp2, "parallel.num_layers_in_first_pipeline_stage=2",
+                                "parallel.num_layers_in_last_pipeline_stage=2"])
+    with_vpp = load_config("toy_cpu", [*vpp2, "parallel.num_layers_in_first_pipeline_stage=2"]).parallel
+    assert with_vpp.layers_per_stage(6) == (2, 4)
+    with pytest.raises(ConfigError, match=r"leaves 3 of the model's 5 layers for 1 other .*positive multiple of 2"):
+        with_vpp.layers_per_stage(5)
     assert load_config("toy_cpu", ["parallel.pipeline_parallel_size=2", "parallel.num_layers_in_first_pipeline_stage=1"]
                        ).parallel.layers_per_stage(3) == (1, 2)
