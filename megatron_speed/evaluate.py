@@ -13,6 +13,10 @@ Megatron checkpoint converted by tools/convert_megatron_to_hf.py):
 
     python -m megatron_speed.evaluate --model HF_DIR --data FILE[,FILE] --k 8 --temperature 0.6 --out result.json
 
+Without `--max-new-tokens` the response budget is the largest that fits the longest prompt in the
+model's context (at most 2048), so a small-context model (the toy's 64 positions) is evaluated as
+is; a budget that leaves no room for any prompt is an error that names the largest one that fits.
+
 Under SPMD every engine replica (rollout/replicas.py) evaluates a contiguous share of the prompts and
 the per-prompt results are gathered, so every rank holds the whole report and the evaluation's time
 shrinks with the number of replicas.
@@ -34,11 +38,15 @@ from typing import Any
 
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import EvalConfig
+from megatron_speed.data.dataset import PROMPT_TOO_LONG, SkipReport
 from megatron_speed.records import PromptRecord, SampleRequest
 from megatron_speed.rewards.pool import RewardPool
 from megatron_speed.rewards.scoring import score_groups
 from megatron_speed.rollout.engine import VLLMEngine
 from megatron_speed.rollout.replicas import ReplicaLayout, gather_shares
+
+DEFAULT_MAX_NEW_TOKENS = 2048  # the CLI's cap on the default response budget (the papers' models: 4k context)
+CPU_KV_CACHE_GIB = 0.5  # the CLI's default KV cache on CPU
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -119,6 +127,25 @@ def cap_per_set(records: Sequence[PromptRecord], max_prompts: int) -> list[Promp
 def resolve_files(cfg: EvalConfig) -> tuple[str, ...]:
     """`eval.files` as paths: a bare name without a suffix (`aime24`) is `<data_dir>/<name>.parquet`."""
     return tuple(f if Path(f).suffix else str(Path(cfg.data_dir) / f"{f}.parquet") for f in cfg.files)
+
+
+def response_budget(prompt_tokens: Sequence[int], max_len: int, requested: int | None) -> tuple[int, list[bool]]:
+    """Response tokens per prompt, and which prompts fit `max_len` positions with them.
+
+    `requested` is used as given; by default (None) the budget is the largest that fits the longest
+    prompt, capped at `DEFAULT_MAX_NEW_TOKENS`, so every readable prompt is evaluated whatever the
+    model's context."""
+    budget = requested if requested is not None else min(DEFAULT_MAX_NEW_TOKENS, max_len - max(prompt_tokens))
+    return budget, [n + budget <= max_len for n in prompt_tokens]
+
+
+def no_room_message(prompt_tokens: Sequence[int], max_len: int, requested: int) -> str:
+    """Why no prompt fits `requested` response tokens, and the largest value that would."""
+    shortest, longest = min(prompt_tokens), max(prompt_tokens)
+    return (f"--max-new-tokens {requested} leaves no room for any prompt: the model's context is {max_len} "
+            f"positions (max_position_embeddings, or --max-model-len) and the prompts have {shortest}..{longest} "
+            f"tokens. The largest --max-new-tokens that fits a prompt is {max_len - shortest}, and "
+            f"{max_len - longest} fits them all (the default when --max-new-tokens is not given)")
 
 
 @contextlib.contextmanager
@@ -229,7 +256,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--k-by-set", default="", help="comma-separated SET=K overriding --k for one set, "
                         "e.g. aime24=16,math500=1 (a set is a source name)")
     parser.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
-    parser.add_argument("--max-new-tokens", type=int, default=2048)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="response tokens per prompt (default: the largest that fits the longest prompt in the "
+                             f"model's context, at most {DEFAULT_MAX_NEW_TOKENS})")
     parser.add_argument("--max-model-len", type=int, default=0, help="0 = the model's max_position_embeddings")
     parser.add_argument("--max-prompts", type=int, default=0, help="first N prompts of each set (0 = all)")
     parser.add_argument("--grader", default="math_verify", help="a name in rewards.GRADERS or module:function")
@@ -237,13 +266,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--grader-timeout", type=float, default=5.0, help="seconds per graded response")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.8)
-    parser.add_argument("--kv-cache-gib", type=float, default=0.0, help="explicit KV-cache size (CPU: e.g. 0.25)")
+    parser.add_argument("--kv-cache-gib", type=float, default=None,
+                        help=f"explicit KV-cache size; 0 = size it from --gpu-memory-utilization (default: 0 on a GPU, "
+                             f"{CPU_KV_CACHE_GIB} on CPU, where vLLM would otherwise take that share of all RAM)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, type=Path, help="JSON file for the results")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file for the results (default: print only)")
     args = parser.parse_args(list(argv))
     args.pass_at = tuple(int(j) for j in args.pass_at.split(",") if j)
     if args.k < 0:
         parser.error(f"--k must be >= 0, got {args.k}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens} (omit it to fit the model)")
     try:  # the same rules as the trainer's eval.k / eval.k_by_set / eval.pass_at
         args.k_by_set = EvalConfig(k=args.k, pass_at=args.pass_at,
                                    k_by_set=tuple(e for e in args.k_by_set.split(",") if e)).set_k()
@@ -254,39 +287,72 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def load_prompts(args: argparse.Namespace, max_len: int) -> tuple[list[PromptRecord], SkipReport, int]:
+    """The prompt files' records that fit the context with the response budget, the skip report and
+    the budget (`response_budget`); ValueError when no prompt fits, naming the cause and the fix."""
+    from transformers import AutoTokenizer
+
+    from megatron_speed.data import read_many
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    files = [f for f in args.data.split(",") if f]
+    records, skipped = read_many(files, count_tokens=lambda s: len(tokenizer.encode(s)), max_prompt_tokens=max_len - 1)
+    if not records:
+        raise ValueError(f"no usable prompts in {', '.join(files)}: {skipped.summary()}")
+    lengths = [len(tokenizer.encode(r.prompt)) for r in records]
+    budget, fits = response_budget(lengths, max_len, args.max_new_tokens)
+    if not any(fits):
+        raise ValueError(no_room_message(lengths, max_len, budget))
+    dropped = fits.count(False)
+    if dropped:  # counted like the reader's own too-long prompts
+        skipped.counts[PROMPT_TOO_LONG] = skipped.counts.get(PROMPT_TOO_LONG, 0) + dropped
+        skipped.kept -= dropped
+    records = [r for r, ok in zip(records, fits) if ok]
+    return (cap_per_set(records, args.max_prompts) if args.max_prompts else records), skipped, budget
+
+
+def kv_cache_gib(args: argparse.Namespace) -> float:
+    """--kv-cache-gib, or its default: vLLM's own sizing on a GPU, a small fixed cache on CPU."""
+    import torch
+
+    if args.kv_cache_gib is not None:
+        return float(args.kv_cache_gib)
+    return 0.0 if torch.cuda.is_available() else CPU_KV_CACHE_GIB
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import json
     import sys
 
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from megatron_speed.config.schema import RolloutConfig
-    from megatron_speed.data import read_many
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    files = [f for f in args.data.split(",") if f]
     max_len = int(AutoConfig.from_pretrained(args.model).max_position_embeddings)
     max_len = min(max_len, args.max_model_len) if args.max_model_len else max_len
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    records, skipped = read_many(files, count_tokens=lambda s: len(tokenizer.encode(s)),
-                                 max_prompt_tokens=max_len - args.max_new_tokens)
-    print(f"prompts: {skipped.summary()}", file=sys.stderr)
-    if args.max_prompts:
-        records = cap_per_set(records, args.max_prompts)
-    if not records:
-        print("error: no usable prompts", file=sys.stderr)
+    try:
+        records, skipped, budget = load_prompts(args, max_len)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
+    print(f"prompts: {skipped.summary()}", file=sys.stderr)
+    if args.max_new_tokens is None:
+        print(f"max new tokens: {budget} (the longest prompt's room in the model's {max_len} positions, at most "
+              f"{DEFAULT_MAX_NEW_TOKENS}; set --max-new-tokens to choose)", file=sys.stderr)
     rollout = RolloutConfig(n=max(args.k, 1), temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, tensor_parallel_size=args.tensor_parallel_size,
-                            gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
+                            max_new_tokens=budget, tensor_parallel_size=args.tensor_parallel_size,
+                            gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=kv_cache_gib(args),
                             seed=args.seed)
     engine = VLLMEngine(args.model, rollout, max_model_len=max_len, seed=args.seed)
     with RewardPool(args.grader, args.workers, args.grader_timeout) as pool:
         report = evaluate_sets(engine, pool, records, k=args.k, temperature=args.temperature, top_p=args.top_p,
                                pass_ks=args.pass_at, greedy=not args.no_greedy, k_by_set=args.k_by_set)
-    result = {"model": str(args.model), "data": files, "skipped_rows": skipped.counts, **report.to_json()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    result = {"model": str(args.model), "data": [f for f in args.data.split(",") if f],
+              "skipped_rows": skipped.counts, **report.to_json()}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
     for name, value in report.scalars().items():
         print(f"{name:40s} {value:.4f}")
     return 0

@@ -25,6 +25,7 @@ from megatron_speed.evaluate import cap_per_set, resolve_files
 from megatron_speed.memory.runtime import measured_engine_memory
 from megatron_speed.metrics import MetricsLogger
 from megatron_speed.parallel import ParallelDims, init_parallel
+from megatron_speed.preflight import check_paths
 from megatron_speed.records import PromptRecord
 from megatron_speed.rewards import RewardPool
 from megatron_speed.rollout.engine import VLLMEngine
@@ -97,15 +98,27 @@ def _on_main_first(dims: ParallelDims, fn: Any) -> Any:
 
 
 def prepare_data(cfg: Config, out_dir: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Paths of the train and held-out prompt files; the toy task writes its splits first."""
+    """Paths of the train and held-out prompt files.
+
+    The toy task writes its generated splits (`toy_task.split_file`); explicit files replace the split
+    of their kind: `data.train_files` the train split (the toy model and its warm start stay),
+    `data.eval_files` the held-out split, unless they list the generated file too. The log says
+    which. `eval.files` always add sets."""
     if cfg.data.toy is None:
         return cfg.data.train_files, cfg.data.eval_files
-    from megatron_speed.data.toy_task import make_problems, write_jsonl
+    from megatron_speed.data.toy_task import make_problems, split_file, write_jsonl
 
-    data_dir = out_dir / "data"
-    train = write_jsonl(make_problems(cfg.data.toy, "train"), data_dir / "toy_train.jsonl")
-    held_out = write_jsonl(make_problems(cfg.data.toy, "eval"), data_dir / "toy_eval.jsonl")
-    return (*cfg.data.train_files, str(train)), (*cfg.data.eval_files, str(held_out))
+    splits = []
+    for split, key, files in (("train", "data.train_files", cfg.data.train_files),
+                              ("eval", "data.eval_files", cfg.data.eval_files)):
+        toy_file = write_jsonl(make_problems(cfg.data.toy, split), split_file(out_dir, split))
+        if files and toy_file.resolve() not in {Path(f).resolve() for f in files}:
+            log.info("%s is set: it replaces the toy task's generated %s split, which is not used (to use "
+                     "both, list it too: %s=[%s])", key, split, key, ",".join((*files, str(toy_file))))
+        elif files:
+            log.info("%s lists the toy task's generated %s split beside other files: all are used", key, split)
+        splits.append(files or (str(toy_file),))
+    return splits[0], splits[1]
 
 
 def prepare_model(cfg: Config) -> Path:
@@ -135,6 +148,7 @@ def read_split(paths: tuple[str, ...], cfg: Config, tokenizer: Any, *, max_promp
 
 
 def build(cfg: Config) -> Components:
+    check_paths(cfg)  # a missing model folder or prompt file stops here, before any process group
     dims = init_parallel(cfg.parallel, seed=cfg.run.seed)
     out_dir = Path(cfg.run.output_dir) / cfg.run.name
     resume_from = resolve_resume(cfg.run.resume, out_dir)
@@ -160,8 +174,9 @@ def build(cfg: Config) -> Components:
     # (memory/runtime.py) instead of a fixed fraction of the device that the actor may not fit beside.
     actor = MegatronActor(hf_path, model_cfg=cfg.model, optim_cfg=cfg.optim, algorithm_cfg=cfg.algorithm,
                           temperature=cfg.rollout.temperature, horizon=cfg.rollout.max_new_tokens,
-                          total_steps=cfg.schedule_steps,
-                          tp=dims.tp, pp=dims.pp)
+                          total_steps=cfg.schedule_steps, tp=dims.tp, pp=dims.pp,
+                          first_stage_layers=cfg.parallel.num_layers_in_first_pipeline_stage,
+                          last_stage_layers=cfg.parallel.num_layers_in_last_pipeline_stage)
     memory = measured_engine_memory(cfg.rollout, actor.hf_config, actor.optimizer, max_model_len=max_len)
     # The TP ranks of one engine replica must sample alike (same seed); replicas differ.
     replicas = ReplicaLayout(dims.world_size, dims.rank, cfg.rollout.tensor_parallel_size)

@@ -4,7 +4,8 @@
     torchrun --nproc-per-node 2 tools/convert_megatron_to_hf.py --ckpt ckpt/qwen-tp2 --out hf/qwen --tp 2
 
 `--ckpt` is a checkpoint directory, a checkpoints folder or a run directory (the latest complete
-checkpoint is taken). The checkpoint loads at any `--tp/--pp` (dist-checkpointing reshards); the
+checkpoint is taken). The checkpoint loads at any `--tp/--pp` (dist-checkpointing reshards), with
+or without uneven end stages (`--first-stage-layers/--last-stage-layers`, whatever split wrote it); the
 HF folder gets config, tokenizer files (when the source had them) and `model.safetensors`, loadable
 by `transformers` and vLLM. The work is `megatron_speed.checkpoint.convert.megatron_to_hf`.
 """
@@ -30,9 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="HF folder to write (replaced atomically)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load at")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to load at")
+    parser.add_argument("--first-stage-layers", type=int, default=None,
+                        help="layers on the first pipeline stage (uneven split; default: even)")
+    parser.add_argument("--last-stage-layers", type=int, default=None,
+                        help="layers on the last pipeline stage (uneven split; default: even)")
     args = parser.parse_args(argv)
     return run_in_layout("convert_megatron_to_hf", args.tp, args.pp,
-                         lambda: megatron_to_hf(args.ckpt, args.out, tp=args.tp, pp=args.pp))
+                         lambda: megatron_to_hf(args.ckpt, args.out, tp=args.tp, pp=args.pp,
+                                              first_stage_layers=args.first_stage_layers,
+                                              last_stage_layers=args.last_stage_layers))
 
 
 if __name__ == "__main__":

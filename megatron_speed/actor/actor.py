@@ -44,8 +44,7 @@ from megatron_speed.actor.optimizer import build_optimizer
 from megatron_speed.algorithms import aggregate_loss, kl_penalty, policy_objective, ppo_clip_token_loss
 from megatron_speed.bridge import mapping_for
 from megatron_speed.bridge.weights import export_hf_weights, load_hf_weights
-from megatron_speed.config.base import ConfigError
-from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig
+from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig, ParallelConfig
 
 _split = split_rows  # kept for callers of the fixed-size split (tests, workers)
 __all__ = ["MegatronActor", "MicroBatch", "TrainingDiverged"]
@@ -61,13 +60,12 @@ def _ps() -> Any:
     return parallel_state
 
 
-def _check_layout(hf_config: Any, pp: int, vpp: int) -> None:
-    layers = hf_config.num_hidden_layers
-    if layers % (pp * vpp):
-        key, value = ("parallel.virtual_pipeline_parallel_size", vpp) if vpp > 1 else \
-            ("parallel.pipeline_parallel_size", pp)
-        raise ConfigError(key, value, f"pipeline_parallel_size ({pp}) x virtual_pipeline_parallel_size ({vpp}) "
-                          f"must divide the model's {layers} layers", "choose sizes whose product divides the layers")
+def _check_layout(hf_config: Any, pp: int, vpp: int, first: int | None = None,
+                  last: int | None = None) -> tuple[int, ...]:
+    """Layers on each pipeline stage; ConfigError naming the parallel.* key when the sizes do not fit."""
+    parallel = ParallelConfig(pipeline_parallel_size=pp, virtual_pipeline_parallel_size=vpp,
+                              num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last)
+    return parallel.layers_per_stage(hf_config.num_hidden_layers)
 
 
 class MegatronActor:
@@ -75,7 +73,8 @@ class MegatronActor:
 
     def __init__(self, hf_path: str | Path, *, model_cfg: ModelConfig, optim_cfg: OptimConfig,
                  algorithm_cfg: AlgorithmConfig, temperature: float, horizon: int, total_steps: int,
-                 tp: int = 1, pp: int = 1) -> None:
+                 tp: int = 1, pp: int = 1, first_stage_layers: int | None = None,
+                 last_stage_layers: int | None = None) -> None:
         from transformers import AutoConfig
 
         self.hf_path = Path(hf_path)
@@ -86,7 +85,8 @@ class MegatronActor:
         self.horizon = horizon  # longest possible response, for seq-mean-token-sum-norm
         self.tp, self.pp = tp, pp
         self.vpp = _ps().get_virtual_pipeline_model_parallel_world_size() or 1
-        _check_layout(self.hf_config, pp, self.vpp)
+        self.stage_layers = (first_stage_layers, last_stage_layers)  # megatron's uneven split; None = even
+        self.layers_per_stage = _check_layout(self.hf_config, pp, self.vpp, *self.stage_layers)
         self.dtype = torch.bfloat16 if model_cfg.params_dtype == "bfloat16" else torch.float32
         with cpu_megatron():
             self.chunks = self._wrap_ddp(self._build_chunks())
@@ -104,7 +104,8 @@ class MegatronActor:
     def _build_chunks(self) -> list[torch.nn.Module]:
         """This stage's model chunk(s) (VPP: one per virtual stage), loaded from the HF checkpoint."""
         kwargs = dict(params_dtype=self.dtype, tp=self.tp, pp=self.pp,
-                      attention_backend=self.model_cfg.attention_backend, recompute=self.model_cfg.recompute)
+                      attention_backend=self.model_cfg.attention_backend, recompute=self.model_cfg.recompute,
+                      first_stage_layers=self.stage_layers[0], last_stage_layers=self.stage_layers[1])
         if self.vpp == 1:
             chunks = [build_gpt_model(self.hf_config, **kwargs)]
         else:
@@ -140,6 +141,13 @@ class MegatronActor:
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
         return wrapped
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        """The model-parallel layout, as a checkpoint's meta.json records it."""
+        return {"tp": self.tp, "pp": self.pp, "vpp": self.vpp, "layers_per_stage": list(self.layers_per_stage),
+                "num_layers_in_first_pipeline_stage": self.stage_layers[0],
+                "num_layers_in_last_pipeline_stage": self.stage_layers[1]}
 
     @property
     def model(self) -> Any:

@@ -155,8 +155,10 @@ def layer_spec(backend: str, *, qk_layernorm: bool) -> Any:
 
 
 def transformer_config_from_hf(hf_config: Any, *, params_dtype: torch.dtype, tp: int = 1, pp: int = 1,
-                               recompute: str = "none", vpp: int | None = None) -> Any:
-    """The megatron-core TransformerConfig equivalent to an HF decoder config (`vpp`: virtual stages)."""
+                               recompute: str = "none", vpp: int | None = None, first_stage_layers: int | None = None,
+                               last_stage_layers: int | None = None) -> Any:
+    """The megatron-core TransformerConfig equivalent to an HF decoder config (`vpp`: virtual stages;
+    `first_stage_layers` / `last_stage_layers`: megatron's uneven pipeline split, None = even)."""
     from megatron.core.transformer import TransformerConfig
 
     arch = architecture(hf_config)
@@ -190,6 +192,8 @@ def transformer_config_from_hf(hf_config: Any, *, params_dtype: torch.dtype, tp:
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        num_layers_in_first_pipeline_stage=first_stage_layers,
+        num_layers_in_last_pipeline_stage=last_stage_layers,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         pipeline_dtype=params_dtype,
@@ -215,9 +219,12 @@ def _install_hf_rope(model: Any, hf_config: Any) -> None:
 
 
 def build_gpt_model(hf_config: Any, *, params_dtype: torch.dtype, tp: int = 1, pp: int = 1,
-                    attention_backend: str = "auto", recompute: str = "none", vp_stage: int | None = None) -> Any:
+                    attention_backend: str = "auto", recompute: str = "none", vp_stage: int | None = None,
+                    first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> Any:
     """A GPTModel for this rank's pipeline stage (and virtual stage `vp_stage` when megatron's
-    parallel_state was initialised with virtual pipeline stages), matching the HF architecture."""
+    parallel_state was initialised with virtual pipeline stages), matching the HF architecture.
+    `first_stage_layers` / `last_stage_layers` give the end stages their own layer counts (megatron's
+    uneven split; the caller checks the sizes with `ParallelConfig.layers_per_stage`)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -225,7 +232,8 @@ def build_gpt_model(hf_config: Any, *, params_dtype: torch.dtype, tp: int = 1, p
     check_tensor_parallel(hf_config, tp)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     config = transformer_config_from_hf(hf_config, params_dtype=params_dtype, tp=tp, pp=pp, recompute=recompute,
-                                        vpp=vpp)
+                                        vpp=vpp, first_stage_layers=first_stage_layers,
+                                        last_stage_layers=last_stage_layers)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(resolve_attention_backend(attention_backend),

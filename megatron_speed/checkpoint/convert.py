@@ -9,7 +9,10 @@ tensors and lets rank 0 write an HF folder. Trainer checkpoints have the same la
 model part converts too (the optimizer and trainer state are simply not read).
 
 Both are collective: every rank of a `tensor_parallel_size x pipeline_parallel_size` world calls
-them (the CLI initialises that world). Deliberately left out: data-parallel replicas (a converter
+them (the CLI initialises that world). Pipeline stages may be uneven (megatron-core's
+`num_layers_in_first/last_pipeline_stage`): dist-checkpointing keys every layer by its global index,
+so a checkpoint written with one split loads with another, or with none. meta.json records the
+split it was written with (`layers_per_stage`). Deliberately left out: data-parallel replicas (a converter
 needs one copy of the model), vocabulary padding, MoE.
 """
 
@@ -45,9 +48,25 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def check_layout(hf_config: Any, tp: int, pp: int) -> None:
-    """Refuse, with the numbers, a layout megatron would fail on deep inside model construction."""
+# The converter CLIs' flags for the config keys a layout error names.
+_FLAGS = {"parallel.pipeline_parallel_size": "--pp",
+          "parallel.num_layers_in_first_pipeline_stage": "--first-stage-layers",
+          "parallel.num_layers_in_last_pipeline_stage": "--last-stage-layers"}
+
+
+def _in_flags(text: str) -> str:
+    for key, flag in _FLAGS.items():
+        text = text.replace(key, flag)
+    return text
+
+
+def check_layout(hf_config: Any, tp: int, pp: int, first: int | None = None,
+                 last: int | None = None) -> tuple[int, ...]:
+    """Refuse, with the numbers, a layout megatron would fail on deep inside model construction;
+    returns the layers on each pipeline stage (`first` / `last`: megatron's uneven end stages)."""
     from megatron_speed.actor.model import architecture
+    from megatron_speed.config.base import ConfigError
+    from megatron_speed.config.schema import ParallelConfig
 
     architecture(hf_config)  # ValueError naming the model_type / unsupported feature
     sizes = {"num_attention_heads": hf_config.num_attention_heads,
@@ -56,9 +75,17 @@ def check_layout(hf_config: Any, tp: int, pp: int) -> None:
     bad = [f"{k}={v}" for k, v in sizes.items() if v % tp]
     if bad:
         raise ValueError(f"--tp {tp} does not divide the model's {', '.join(bad)}: pick a --tp that divides them")
-    if hf_config.num_hidden_layers % pp:
-        raise ValueError(f"--pp {pp} does not divide num_hidden_layers={hf_config.num_hidden_layers}: pick a "
-                         "--pp that divides it")
+    try:
+        return ParallelConfig(pipeline_parallel_size=pp, num_layers_in_first_pipeline_stage=first,
+                              num_layers_in_last_pipeline_stage=last).layers_per_stage(hf_config.num_hidden_layers)
+    except ConfigError as err:
+        raise ValueError(_in_flags(str(err))) from None
+
+
+def layout_meta(tp: int, pp: int, first: int | None, last: int | None, layers: tuple[int, ...]) -> dict[str, Any]:
+    """What meta.json records of a checkpoint's model-parallel layout (the trainer's actor writes the same)."""
+    return {"tp": tp, "pp": pp, "vpp": 1, "layers_per_stage": list(layers),
+            "num_layers_in_first_pipeline_stage": first, "num_layers_in_last_pipeline_stage": last}
 
 
 def _dtype(hf_config: Any) -> torch.dtype:
@@ -67,19 +94,22 @@ def _dtype(hf_config: Any) -> torch.dtype:
     return DTYPES.get(name.removeprefix("torch."), torch.float32)
 
 
-def _build(hf_config: Any, tp: int, pp: int) -> tuple[Any, Any]:
+def _build(hf_config: Any, tp: int, pp: int, first: int | None, last: int | None) -> tuple[Any, Any, tuple[int, ...]]:
     from megatron_speed.actor.model import build_gpt_model
     from megatron_speed.bridge import mapping_for
 
-    check_layout(hf_config, tp, pp)
+    layers = check_layout(hf_config, tp, pp, first, last)
     mapping = mapping_for(hf_config)
     with cpu_megatron():
-        model = build_gpt_model(hf_config, params_dtype=_dtype(hf_config), tp=tp, pp=pp)
-    return model, mapping
+        model = build_gpt_model(hf_config, params_dtype=_dtype(hf_config), tp=tp, pp=pp,
+                                first_stage_layers=first, last_stage_layers=last)
+    return model, mapping, layers
 
 
-def hf_to_megatron(hf_dir: Path, out: Path, *, tp: int, pp: int) -> Path:
-    """Write `hf_dir` as a model-only megatron checkpoint at layout (tp, pp) into `out` (collective)."""
+def hf_to_megatron(hf_dir: Path, out: Path, *, tp: int, pp: int, first_stage_layers: int | None = None,
+                   last_stage_layers: int | None = None) -> Path:
+    """Write `hf_dir` as a model-only megatron checkpoint at layout (tp, pp) into `out` (collective).
+    `first_stage_layers` / `last_stage_layers`: uneven end stages (None = the even split)."""
     from transformers import AutoConfig
 
     from megatron_speed.bridge.weights import load_hf_weights
@@ -87,7 +117,7 @@ def hf_to_megatron(hf_dir: Path, out: Path, *, tp: int, pp: int) -> Path:
     hf_dir, out = Path(hf_dir), Path(out)
     if _rank() == 0 and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: choose a new --out directory")
-    model, mapping = _build(AutoConfig.from_pretrained(hf_dir), tp, pp)
+    model, mapping, layers = _build(AutoConfig.from_pretrained(hf_dir), tp, pp, first_stage_layers, last_stage_layers)
     load_hf_weights(model, mapping, hf_dir)
     if _rank() == 0:
         (out / "megatron").mkdir(parents=True)
@@ -95,7 +125,8 @@ def hf_to_megatron(hf_dir: Path, out: Path, *, tp: int, pp: int) -> Path:
     save_megatron(out / "megatron", model)
     if _rank() == 0:
         copy_hf_files(hf_dir, out / "hf")
-        write_meta(out, step=0, contents=["model"], tp=tp, pp=pp, world_size=tp * pp, source=str(hf_dir))
+        write_meta(out, step=0, contents=["model"], world_size=tp * pp, source=str(hf_dir),
+                   **layout_meta(tp, pp, first_stage_layers, last_stage_layers, layers))
         mark_complete(out)
     _barrier()
     return out
@@ -116,8 +147,10 @@ def resolve_checkpoint(path: Path) -> Path:
                             "or a checkpoints folder holding step_XXXXXX directories)")
 
 
-def megatron_to_hf(ckpt: Path, out: Path, *, tp: int = 1, pp: int = 1) -> Path:
-    """Load checkpoint `ckpt` at layout (tp, pp) and write an HF folder to `out` (collective; rank 0 writes)."""
+def megatron_to_hf(ckpt: Path, out: Path, *, tp: int = 1, pp: int = 1, first_stage_layers: int | None = None,
+                   last_stage_layers: int | None = None) -> Path:
+    """Load checkpoint `ckpt` at layout (tp, pp[, uneven end stages]) and write an HF folder to `out`
+    (collective; rank 0 writes). Any layout loads any checkpoint: layers are keyed by global index."""
     from transformers import AutoConfig
 
     from megatron_speed.bridge.weights import export_hf_weights
@@ -125,7 +158,7 @@ def megatron_to_hf(ckpt: Path, out: Path, *, tp: int = 1, pp: int = 1) -> Path:
     ckpt = resolve_checkpoint(ckpt)
     read_meta(ckpt)
     hf_files = ckpt / "hf"
-    model, mapping = _build(AutoConfig.from_pretrained(hf_files), tp, pp)
+    model, mapping, _ = _build(AutoConfig.from_pretrained(hf_files), tp, pp, first_stage_layers, last_stage_layers)
     load_megatron(ckpt / "megatron", model)
     tensors = list(export_hf_weights(model, mapping))  # every rank iterates: TP gathers, PP broadcasts
     if _rank() == 0:

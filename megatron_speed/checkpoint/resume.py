@@ -97,7 +97,8 @@ def save_checkpoint(root: Path, step: int, *, actor: Any, hf_src: Path, trainer_
     _barrier()  # every rank's files are on disk before rank 0 declares the checkpoint complete
     if main:
         copy_hf_files(hf_src, tmp / "hf")
-        write_meta(tmp, step=step, contents=["model", "optimizer", "scheduler", "trainer"], **layout)
+        write_meta(tmp, step=step, contents=["model", "optimizer", "scheduler", "trainer"],
+                   **{**actor.layout, **layout})  # incl. the pipeline split (layers per stage)
         commit(tmp, final)
         for path in prune(root, keep_last):
             log.info("deleted old checkpoint %s (run.keep_last=%d)", path, keep_last)

@@ -65,7 +65,11 @@ class ToyTaskConfig(Section):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig(Section):
-    """Prompt files (jsonl or parquet with id, prompt, answer[, source]) or the toy task."""
+    """Prompt files (jsonl or parquet with id, prompt, answer[, source]) or the toy task.
+
+    With `toy` set, the toy task generates a train and a held-out split; files given here REPLACE
+    the generated split of their kind (`train_files` the train split, `eval_files` the held-out
+    one), so `data.train_files=[my.jsonl]` trains on that file alone. `eval.files` add sets."""
 
     train_files: tuple[str, ...] = ()
     eval_files: tuple[str, ...] = ()
@@ -140,9 +144,22 @@ class ModelConfig(Section):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ParallelConfig(Section):
+    """Actor layout: TP x PP (x virtual stages); the rest of the world is data parallelism.
+
+    Pipeline stages hold equal layer counts unless `num_layers_in_first_pipeline_stage` and/or
+    `num_layers_in_last_pipeline_stage` are set (megatron-core's uneven split): the stages in between
+    share the remaining layers equally. E.g. 36 layers on 8 stages: first=3, last=3, six stages of 5.
+    With virtual stages every stage's count divides by `virtual_pipeline_parallel_size`."""
+
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     virtual_pipeline_parallel_size: int = 1  # model chunks per pipeline stage (interleaved schedule); 1 = off
+    num_layers_in_first_pipeline_stage: int | None = None  # None = the even split
+    num_layers_in_last_pipeline_stage: int | None = None  # None = the even split
+
+    @property
+    def uneven(self) -> bool:
+        return self.num_layers_in_first_pipeline_stage is not None or self.num_layers_in_last_pipeline_stage is not None
 
     def check(self) -> None:
         require(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size,
@@ -155,6 +172,72 @@ class ParallelConfig(Section):
                 "virtual_pipeline_parallel_size", self.virtual_pipeline_parallel_size,
                 "needs pipeline parallelism (parallel.pipeline_parallel_size > 1)",
                 "set parallel.pipeline_parallel_size >= 2 or parallel.virtual_pipeline_parallel_size=1")
+        for key in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            require(value >= 1, key, value, "must be >= 1 (or null for the even split)",
+                    f"give the stage at least one layer, or set parallel.{key}=null")
+            require(self.pipeline_parallel_size > 1, key, value,
+                    "needs pipeline parallelism (parallel.pipeline_parallel_size > 1)",
+                    f"set parallel.pipeline_parallel_size >= 2 or parallel.{key}=null")
+            vpp = self.virtual_pipeline_parallel_size
+            require(value % vpp == 0, key, value,
+                    f"must be a multiple of virtual_pipeline_parallel_size ({vpp}): each virtual stage of a pipeline "
+                    "stage holds the same number of layers", f"use a multiple of {vpp}")
+        # megatron-core 0.16 divides by the number of middle stages when placing virtual stages.
+        require(self.virtual_pipeline_parallel_size == 1 or self.pipeline_parallel_size > 2
+                or None in (self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage),
+                "num_layers_in_last_pipeline_stage", self.num_layers_in_last_pipeline_stage,
+                "cannot be set together with num_layers_in_first_pipeline_stage when pipeline_parallel_size=2 has "
+                "virtual stages (there is no middle stage)",
+                "set parallel.num_layers_in_last_pipeline_stage=null: the last stage takes the remaining layers")
+
+    def layers_per_stage(self, num_layers: int) -> tuple[int, ...]:
+        """Transformer layers on each pipeline stage for a model of `num_layers` layers (megatron-core's
+        rule); ConfigError naming the dotted key when the sizes do not fit the model."""
+        pp, vpp = self.pipeline_parallel_size, self.virtual_pipeline_parallel_size
+        if not self.uneven:
+            key, value = (("parallel.virtual_pipeline_parallel_size", vpp) if vpp > 1 else
+                          ("parallel.pipeline_parallel_size", pp))
+            require(num_layers % (pp * vpp) == 0, key, value,
+                    f"pipeline_parallel_size ({pp}) x virtual_pipeline_parallel_size ({vpp}) must divide the "
+                    f"model's {num_layers} layers", "choose sizes whose product divides the layers, or uneven "
+                    "end stages (parallel.num_layers_in_first_pipeline_stage / _last_pipeline_stage)"
+                    + (_uneven_hint(num_layers, pp) if vpp == 1 else ""))
+            return (num_layers // pp,) * pp
+        first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
+        middle = pp - (first is not None) - (last is not None)
+        rest = num_layers - (first or 0) - (last or 0)
+        key = "parallel.num_layers_in_first_pipeline_stage" if first is not None else \
+            "parallel.num_layers_in_last_pipeline_stage"
+        value = first if first is not None else last
+        fits = rest == 0 if middle == 0 else rest >= middle * vpp and rest % (middle * vpp) == 0
+        require(fits, key, value,
+                f"leaves {rest} of the model's {num_layers} layers for {middle} other pipeline stage(s) "
+                f"(first={first}, last={last}, pipeline_parallel_size={pp}, virtual_pipeline_parallel_size={vpp}), "
+                "which must " + ("be 0" if middle == 0 else f"be a positive multiple of {middle * vpp}"),
+                "pick end-stage sizes that fit" + (_uneven_hint(num_layers, pp) if vpp == 1 else ""))
+        inner = rest // middle if middle else 0
+        return (first if first is not None else inner, *(inner,) * (pp - 2),
+                last if last is not None else inner)
+
+
+def _uneven_hint(num_layers: int, pp: int) -> str:
+    """`, e.g. parallel.num_layers_in_first_pipeline_stage=3 ...=3` for an uneven split that fits and keeps
+    the end stages closest to the others (fewer layers on the ends on a tie); "" when there is none."""
+    if pp < 2 or num_layers % pp == 0 or num_layers < pp:
+        return ""
+    if pp == 2:
+        first = num_layers // 2
+        last = num_layers - first
+    else:
+        inner = min(range(1, (num_layers - 2) // (pp - 2) + 1),
+                    key=lambda k: (abs((num_layers - k * (pp - 2)) / 2 - k), num_layers - k * (pp - 2)))
+        ends = num_layers - inner * (pp - 2)
+        first, last = ends // 2, ends - ends // 2
+    return (f", e.g. parallel.num_layers_in_first_pipeline_stage={first} "
+            f"parallel.num_layers_in_last_pipeline_stage={last}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -116,6 +116,11 @@ def make_problems(cfg: ToyTaskConfig, split: Literal["train", "eval"]) -> list[P
     return records
 
 
+def split_file(run_dir: Path, split: Literal["train", "eval"]) -> Path:
+    """Where a run writes the toy's `split`: `<run dir>/data/toy_<split>.jsonl`."""
+    return Path(run_dir) / "data" / f"toy_{split}.jsonl"
+
+
 def write_jsonl(records: Iterable[PromptRecord], path: Path) -> Path:
     """Write `records` as jsonl rows {id, prompt, answer, source}, the schema the readers take."""
     path = Path(path)

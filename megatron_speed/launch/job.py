@@ -16,8 +16,11 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
         print("usage: python -m megatron_speed.launch.job RECIPE [key.sub=value ...]", file=sys.stderr)
         return 2
+    from megatron_speed.preflight import check_paths
+
     try:
         cfg = load_config(argv[0], argv[1:])
+        check_paths(cfg)  # missing model folders and prompt files stop every rank here, before torch.distributed
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

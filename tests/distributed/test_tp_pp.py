@@ -16,7 +16,9 @@ cannot share the torchrun world). Checked per case:
 * every rank returns the same full results (the SPMD contract).
 
 The models are 4-layer tiny qwen2 (tied embeddings: PP puts a copy of the embedding on the last
-stage) and llama (untied), so PP=2 x VPP=2 gets one layer per chunk.
+stage) and llama (untied), so PP=2 x VPP=2 gets one layer per chunk; the uneven cases put 1 + 3
+(qwen2, `first=1`) and 3 + 1 (llama, `last=1`) layers on the two stages, and a 6-layer qwen2 gets
+2 + 4 layers over PP=2 x VPP=2 (chunks of 1, 2, 1, 2 layers).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from tests.tiny_models import tiny_hf_model
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 LR = 1e-3
-FAMILIES = {"qwen2": dict(tie=True), "llama": dict(tie=False)}
+FAMILIES = {"qwen2": dict(tie=True), "llama": dict(tie=False)}  # 4 layers
+MODELS = {**{f: dict(family=f, num_hidden_layers=4, **kw) for f, kw in FAMILIES.items()},
+          "qwen2-6": dict(family="qwen2", num_hidden_layers=6, tie=True)}
 
 CASES = [  # (family, layout, master port)
     ("qwen2", {"tp": 2}, 29610),
@@ -46,13 +50,20 @@ CASES = [  # (family, layout, master port)
     ("qwen2", {"distributed_optimizer": True, "micro_batch_tokens": 30}, 29613),
     ("llama", {"tp": 2}, 29614),
     ("llama", {"pp": 2, "micro_batch_tokens": 30}, 29615),
+    # Uneven stages (megatron's num_layers_in_first/last_pipeline_stage): 1 + 3, 3 + 1, and (1 + 1) + (2 + 2)
+    # layers in virtual stages (6 layers).
+    ("qwen2", {"pp": 2, "first": 1}, 29616),
+    ("llama", {"pp": 2, "last": 1, "micro_batch_tokens": 30}, 29617),
+    ("qwen2-6", {"pp": 2, "vpp": 2, "first": 2, "micro_batch_tokens": 30}, 29618),
 ]
+UNEVEN = {29616: (1, 3), 29617: (3, 1), 29618: (2, 4)}  # port -> layers per stage
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tp_pp_models")
-    return {f: tiny_hf_model(f, root / f, num_hidden_layers=4, tokenizer=False, **kw) for f, kw in FAMILIES.items()}
+    return {name: tiny_hf_model(kw["family"], root / name, tokenizer=False,
+                                **{k: v for k, v in kw.items() if k != "family"}) for name, kw in MODELS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +91,7 @@ def test_reference_export_is_the_checkpoint(models: dict[str, Path], references:
     for family, path in models.items():
         ckpt = load_file(path / "model.safetensors")
         exported = references[family]["before"]
-        if FAMILIES[family]["tie"]:
+        if MODELS[family]["tie"]:
             ckpt.pop("lm_head.weight", None)
         assert sorted(exported) == sorted(ckpt)
         for name, tensor in ckpt.items():
@@ -121,3 +132,6 @@ def test_layout_matches_the_single_rank_actor(models: dict[str, Path], reference
     assert ranks[0]["stats"] == ranks[1]["stats"]
     for name, tensor in ranks[0]["after"].items():
         assert torch.equal(tensor, ranks[1]["after"][name]), name
+    if port in UNEVEN:  # each stage really built its own share of the layers
+        assert [r["layers_per_stage"] for r in ranks] == [UNEVEN[port]] * 2
+        assert [r["local_layers"] for r in ranks] == list(UNEVEN[port])

@@ -36,23 +36,28 @@ def fixed_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def run(hf_dir: Path, layout: dict[str, Any]) -> dict[str, Any]:
     """The actor's outputs for one layout: {"logprobs", "stats", "logprobs_after", "before", "after"}."""
     from megatron_speed.actor.actor import MegatronActor
+    from megatron_speed.bridge.weights import bare_chunks
 
     parallel = ParallelConfig(tensor_parallel_size=layout.get("tp", 1), pipeline_parallel_size=layout.get("pp", 1),
-                              virtual_pipeline_parallel_size=layout.get("vpp", 1))
+                              virtual_pipeline_parallel_size=layout.get("vpp", 1),
+                              num_layers_in_first_pipeline_stage=layout.get("first"),
+                              num_layers_in_last_pipeline_stage=layout.get("last"))
     dims = init_parallel(parallel, seed=1)
     optim = OptimConfig(lr=1e-3, min_lr=1e-3, micro_batch_size=2, mini_batch_size=ROWS,
                         micro_batch_tokens=layout.get("micro_batch_tokens", 0),
                         use_distributed_optimizer=layout.get("distributed_optimizer", False))
     actor = MegatronActor(hf_dir, model_cfg=ModelConfig(), optim_cfg=optim,
                           algorithm_cfg=AlgorithmConfig(), temperature=1.0, horizon=WIDTH - 1, total_steps=1,
-                          tp=dims.tp, pp=dims.pp)
+                          tp=dims.tp, pp=dims.pp, first_stage_layers=parallel.num_layers_in_first_pipeline_stage,
+                          last_stage_layers=parallel.num_layers_in_last_pipeline_stage)
     tokens, mask, adv = fixed_batch(actor.hf_config.vocab_size)
     before = {k: v.clone() for k, v in actor.export_hf_weights()}
     logprobs = actor.compute_logprobs(tokens)
     stats = actor.train_step(tokens, mask, logprobs - 0.05 * mask, adv)
     after = {k: v.clone() for k, v in actor.export_hf_weights()}
     return {"logprobs": logprobs, "stats": stats, "logprobs_after": actor.compute_logprobs(tokens),
-            "before": before, "after": after, "dims": dims}
+            "before": before, "after": after, "dims": dims, "layers_per_stage": actor.layers_per_stage,
+            "local_layers": sum(len(chunk.decoder.layers) for chunk in bare_chunks(actor.chunks))}
 
 
 def main() -> None:

@@ -249,7 +249,7 @@ def test_parallel_layout_errors_name_the_key(hf_dir: Path) -> None:
         _check_layout(two_layers, 2, 2)
     with pytest.raises(ConfigError, match=r"parallel\.pipeline_parallel_size"):
         _check_layout(two_layers, 4, 1)
-    _check_layout(two_layers, 2, 1)
+    assert _check_layout(two_layers, 2, 1) == (1, 1)
 
 
 def test_token_logprobs_leave_one_row_float32_logits_untouched() -> None:
@@ -292,3 +292,42 @@ def test_entropy_bonus_is_the_same_with_one_row_micro_batches(hf_dir: Path) -> N
     assert entropy[1] == pytest.approx(entropy[0], rel=1e-5)
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_uneven_pipeline_stages_validate_with_dotted_keys() -> None:
+    """megatron-core's uneven split: the end stages' sizes, the middle stages share the rest equally."""
+    from megatron_speed.config import load_config
+    from megatron_speed.config.base import ConfigError
+
+    qwen3_4b = ParallelConfig(pipeline_parallel_size=8, num_layers_in_first_pipeline_stage=3,
+                              num_layers_in_last_pipeline_stage=3)
+    assert qwen3_4b.layers_per_stage(36) == (3, 5, 5, 5, 5, 5, 5, 3)
+    assert ParallelConfig(pipeline_parallel_size=4, num_layers_in_last_pipeline_stage=1).layers_per_stage(7) == \
+        (2, 2, 2, 1)
+    assert ParallelConfig(pipeline_parallel_size=2, num_layers_in_first_pipeline_stage=1).layers_per_stage(3) == (1, 2)
+    with pytest.raises(ConfigError, match=r"^parallel\.pipeline_parallel_size \(8\) .*36 layers.*"
+                                          r"e\.g\. parallel\.num_layers_in_first_pipeline_stage=3 "
+                                          r"parallel\.num_layers_in_last_pipeline_stage=3$"):
+        ParallelConfig(pipeline_parallel_size=8).layers_per_stage(36)
+    with pytest.raises(ConfigError, match=r"^parallel\.num_layers_in_first_pipeline_stage \(2\) leaves 34 of the "
+                                          r"model's 36 layers for 7 other pipeline stage\(s\)"):
+        ParallelConfig(pipeline_parallel_size=8, num_layers_in_first_pipeline_stage=2).layers_per_stage(36)
+    with pytest.raises(ConfigError, match=r"leaves 0 of the model's 3 layers for 1 other"):
+        ParallelConfig(pipeline_parallel_size=2, num_layers_in_last_pipeline_stage=3).layers_per_stage(3)
+    for override, rule in (("parallel.num_layers_in_first_pipeline_stage=0", "must be >= 1"),
+                           ("parallel.num_layers_in_last_pipeline_stage=2", "needs pipeline parallelism")):
+        with pytest.raises(ConfigError, match=rf"^{override.split('=')[0]} .*{rule}"):
+            load_config("toy_cpu", [override])
+    vpp2 = ["parallel.pipeline_parallel_size=2", "parallel.virtual_pipeline_parallel_size=2"]
+    with pytest.raises(ConfigError, match=r"^parallel\.num_layers_in_first_pipeline_stage \(1\) must be a multiple "
+                                          r"of virtual_pipeline_parallel_size \(2\)"):
+        load_config("toy_cpu", [*vpp2, "parallel.num_layers_in_first_pipeline_stage=1"])
+    with pytest.raises(ConfigError, match=r"^parallel\.num_layers_in_last_pipeline_stage \(2\) cannot be set together"):
+        load_config("toy_cpu", [*vpp2, "parallel.num_layers_in_first_pipeline_stage=2",
+                                "parallel.num_layers_in_last_pipeline_stage=2"])
+    with_vpp = load_config("toy_cpu", [*vpp2, "parallel.num_layers_in_first_pipeline_stage=2"]).parallel
+    assert with_vpp.layers_per_stage(6) == (2, 4)
+    with pytest.raises(ConfigError, match=r"leaves 3 of the model's 5 layers for 1 other .*positive multiple of 2"):
+        with_vpp.layers_per_stage(5)
+    assert load_config("toy_cpu", ["parallel.pipeline_parallel_size=2", "parallel.num_layers_in_first_pipeline_stage=1"]
+                       ).parallel.layers_per_stage(3) == (1, 2)

@@ -80,8 +80,14 @@ def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
     with pytest.raises(ValueError, match=r"--tp 3 does not divide .*num_attention_heads=4"):
         check_layout(tiny_hf_config("qwen2"), 3, 1)
-    with pytest.raises(ValueError, match=r"--pp 3 does not divide num_hidden_layers=2"):
+    with pytest.raises(ValueError, match=r"--pp \(3\) .*must divide the model's 2 layers"):
         check_layout(tiny_hf_config("qwen2"), 1, 3)
+    three = tiny_hf_config("qwen2", num_hidden_layers=3)
+    with pytest.raises(ValueError, match=r"--pp \(2\) .*3 layers.*e\.g\. --first-stage-layers=1 --last-stage-layers=2"):
+        check_layout(three, 1, 2)
+    with pytest.raises(ValueError, match=r"--first-stage-layers \(3\) leaves 0 of the model's 3 layers for 1"):
+        check_layout(three, 1, 2, first=3)
+    assert check_layout(three, 1, 2, last=1) == (2, 1)
 
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()

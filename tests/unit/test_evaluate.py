@@ -69,6 +69,18 @@ def test_eval_files_by_name_or_path_and_validation() -> None:
         EvalConfig(k=-1)
 
 
+def test_response_budget_fits_the_longest_prompt_by_default() -> None:
+    from megatron_speed.evaluate import DEFAULT_MAX_NEW_TOKENS, no_room_message, response_budget
+
+    assert response_budget([10, 11, 9], 64, None) == (53, [True, True, True])  # the toy: 64 positions
+    assert response_budget([10, 100], 4096, None) == (DEFAULT_MAX_NEW_TOKENS, [True, True])  # capped
+    assert response_budget([10, 30], 64, 40) == (40, [True, False])  # as asked: the long prompt is dropped
+    assert response_budget([10, 11], 64, 2048) == (2048, [False, False])
+    message = no_room_message([10, 11], 64, 2048)
+    assert "--max-new-tokens 2048 leaves no room for any prompt" in message
+    assert "context is 64 positions" in message and "fits a prompt is 54" in message and "53 fits them all" in message
+
+
 def _hf_greedy_boxes(model_dir: Path, records: list[PromptRecord], max_new_tokens: int) -> list[str | None]:
     """What `transformers` greedy decoding puts in the last box of each response (None: no box)."""
     import torch
@@ -166,6 +178,26 @@ def test_cli_grades_with_math_verify(toy_model: tuple[Path, Path], tmp_path: Pat
     assert sets["echo"]["pass_at"]["4"] >= sets["echo"]["avg_at_k"] > 0.0
     for s in sets.values():
         assert set(s["pass_at"]) == {"4"} and s["pass_at"]["4"] >= s["avg_at_k"]
+
+
+def test_cli_defaults_fit_a_small_context_model(toy_model: tuple[Path, Path],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's command on the toy's output: no --max-new-tokens (the model has 64 positions, the old
+    default asked for 2048), no --out, no KV-cache size; a budget that fits nothing names the fix."""
+    from megatron_speed.evaluate import main
+
+    model, data = toy_model
+    toy_eval = str(data / "more_sums.jsonl")
+    assert main(["--model", str(model), "--data", toy_eval, "--k", "2", "--max-new-tokens", "2048"]) == 1
+    err = capsys.readouterr().err
+    assert "--max-new-tokens 2048 leaves no room for any prompt" in err and "context is 64 positions" in err
+    assert "The largest --max-new-tokens that fits a prompt is 60" in err  # 1-digit toy prompts: 4 tokens
+    assert main(["--model", str(model), "--data", toy_eval, "--k", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "kept 5 of 5 rows; none skipped" in captured.err and "max new tokens: 60" in captured.err
+    scalars = dict(line.split() for line in captured.out.splitlines() if line.startswith("eval/"))
+    assert set(scalars) == {"eval/accuracy", "eval/toy-add/accuracy", "eval/toy-add/avg@2", "eval/toy-add/pass@2"}
+    assert 0.0 <= float(scalars["eval/toy-add/avg@2"]) <= float(scalars["eval/toy-add/pass@2"]) <= 1.0
 
 
 @pytest.mark.slow

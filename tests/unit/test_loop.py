@@ -40,7 +40,8 @@ def _bad_prompts(path: Path) -> Path:
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("loop")
     bad = _bad_prompts(tmp / "bad.jsonl")
-    cfg = load_config("toy_cpu", _overrides(tmp, f"data.train_files=[{bad}]", "run.save_hf_every=2"))
+    toy_train = tmp / "toy_cpu" / "data" / "toy_train.jsonl"  # the toy's generated split, beside the bad file
+    cfg = load_config("toy_cpu", _overrides(tmp, f"data.train_files=[{bad},{toy_train}]", "run.save_hf_every=2"))
     summary = run(cfg)
     assert summary.steps == 2
     return tmp / "toy_cpu"
