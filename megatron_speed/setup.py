@@ -22,6 +22,7 @@ from megatron_speed.data import PromptSampler, read_many
 from megatron_speed.evaluate import cap_per_set, resolve_files
 from megatron_speed.metrics import MetricsLogger
 from megatron_speed.parallel import ParallelDims, init_parallel
+from megatron_speed.parallel.stop import StopOnSignal
 from megatron_speed.records import PromptRecord
 from megatron_speed.rewards import RewardPool
 from megatron_speed.rollout.engine import VLLMEngine
@@ -45,6 +46,7 @@ class Components:
     pad_id: int
     data_metrics: dict[str, float]
     resume_from: Path | None = None  # the checkpoint this run continues (run.resume), None = fresh start
+    stop: StopOnSignal | None = None  # SIGTERM -> checkpoint after this step and leave (parallel/stop.py)
 
     @property
     def replicas(self) -> ReplicaLayout:
@@ -64,6 +66,8 @@ class Components:
         return save_hf_folder(self.out_dir / "hf" / tag, self.hf_path, tensors)
 
     def close(self) -> None:
+        if self.stop is not None:
+            self.stop.restore()
         self.rewards.close()
         self.logger.close()
 
@@ -156,7 +160,7 @@ def build(cfg: Config) -> Components:
                           tp=dims.tp, pp=dims.pp)
     sampler = PromptSampler(train, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Components(
+    parts = Components(
         cfg=cfg, dims=dims, out_dir=out_dir, hf_path=hf_path, engine=engine, actor=actor,
         rewards=RewardPool(cfg.rewards.grader, cfg.rewards.num_workers, cfg.rewards.timeout_seconds),
         curriculum=build_curriculum(cfg.curriculum, sampler, n=cfg.rollout.n),
@@ -168,3 +172,5 @@ def build(cfg: Config) -> Components:
                              purge_step=None if resume_from is None else checkpoint_step(resume_from) + 1),
         eval_records=cap_per_set(held_out, cfg.eval.max_prompts), pad_id=int(pad), data_metrics=counts,
         resume_from=resume_from)
+    parts.stop = StopOnSignal(parts.device)  # last: nothing built after it replaces the SIGTERM handler
+    return parts

@@ -40,6 +40,7 @@ class RunSummary:
     warm_start_accuracy: float
     final_accuracy: float
     accuracy_curve: list[tuple[float, float]]  # (wall seconds since start of RL, held-out accuracy)
+    stopped_by_signal: bool = False  # SIGTERM (preemption): checkpointed at `steps`, the run is not over
 
     @property
     def gain_points(self) -> float:
@@ -90,12 +91,15 @@ class Trainer:
             with self.timer("refit"):
                 stats.update(self.refit().metrics())
             self.log(step, groups, train_groups, batch, stats, dict(faults))
-            self.maybe_save(step)
+            stop = p.stop is not None and p.stop.requested()  # SIGTERM on any rank: save this step, leave
+            self.maybe_save(step, force=stop)
             groups, faults = [], Counter()
-        if step < cfg.run.steps and not self._out_of_time():  # paused by stop_after: the run is not over
+            if stop:
+                break
+        if step < cfg.run.steps and not self._out_of_time():  # paused (stop_after, SIGTERM): not over
             return RunSummary(steps=step, seconds=self._rl_seconds(), eval_seconds=self.eval_seconds,
                               warm_start_accuracy=warm, final_accuracy=self.curve[-1][1],
-                              accuracy_curve=list(self.curve))
+                              accuracy_curve=list(self.curve), stopped_by_signal=p.stop is not None and p.stop.stopped)
         final = self.curve[-1][1] if self.last_eval_step == step else self.evaluate()
         if self.last_eval_step != step:
             p.logger.log(step, self.eval_scalars)
@@ -167,9 +171,10 @@ class Trainer:
                 "warm_start_accuracy": self.warm, "last_eval_step": self.last_eval_step,
                 "eval_seconds": self.eval_seconds, "rl_seconds": self._rl_seconds()}
 
-    def maybe_save(self, step: int) -> None:
+    def maybe_save(self, step: int, *, force: bool = False) -> None:
+        """Every `run.save_every` steps and at a pause; `force` (a stop signal) saves even with saving off."""
         every = self.cfg.run.save_every
-        if every and (step % every == 0 or step == self.stop_step):
+        if force or (every and (step % every == 0 or step == self.stop_step)):
             p = self.parts
             save_checkpoint(checkpoints_root(p.out_dir), step, actor=p.actor, hf_src=p.hf_path,
                             trainer_state=self.state_dict(step), keep_last=self.cfg.run.keep_last,

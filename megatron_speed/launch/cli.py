@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--container-image", default=None, help="image for docker, or for SLURM via pyxis")
     p.add_argument("--mounts", nargs="*", default=[], help="container mounts, host:container")
     p.add_argument("--env", nargs="*", default=[], help="extra environment variables for the job, KEY=VALUE")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="torchrun restarts of the whole worker group after a rank fails; each restart resumes "
+                        "from the latest complete checkpoint (run.resume=auto)")
+    p.add_argument("--shutdown-timeout", type=int, default=300,
+                   help="seconds torchrun gives its ranks after SIGTERM to finish the step and write the "
+                        "checkpoint before it kills them (SLURM's KillWait / GraceTime bound it too)")
+    p.add_argument("--signal", default=None,
+                   help="SLURM: [B:]SIG@SECONDS sent before the time limit, e.g. TERM@300: the job checkpoints "
+                        "and stops; with --retries it is requeued and resumes")
+    p.add_argument("--retries", type=int, default=0,
+                   help="SLURM: requeue the job up to N times when it exits unfinished (failure or --signal)")
+    p.add_argument("--wait", action="store_true",
+                   help="SLURM: wait for the job to end (through requeues) and exit with its status")
     return p.parse_args(argv)
 
 
@@ -76,6 +90,9 @@ def job_env(args: argparse.Namespace) -> dict[str, str]:
     from megatron_speed.launch.executors import FORWARDED_ENV
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # torchrun reads these itself: restarts of the worker group (each one resumes from the latest
+    # complete checkpoint) and how long its ranks get to checkpoint after SIGTERM
+    env |= {"PET_MAX_RESTARTS": str(args.max_restarts), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(args.shutdown_timeout)}
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep:
@@ -98,6 +115,18 @@ def check_launch(args: argparse.Namespace) -> None:
     if args.nodes > 1 and args.executor != "slurm":
         raise ConfigError("--nodes", args.nodes, f"needs --executor slurm, not {args.executor}",
                           "use --executor slurm for multi-node jobs")
+    for flag, value in (("--max-restarts", args.max_restarts), ("--retries", args.retries),
+                        ("--shutdown-timeout", args.shutdown_timeout)):
+        if value < 0:
+            raise ConfigError(flag, value, "must be >= 0", f"pass e.g. {flag} 1")
+    if args.signal is not None and not re.fullmatch(r"(B:)?(SIG)?[A-Z0-9]+(@\d+)?", args.signal):
+        raise ConfigError("--signal", args.signal, "is not SLURM's [B:]SIG[@SECONDS]",
+                          "write e.g. --signal TERM@300 (SIGTERM 300 s before the time limit)")
+    slurm_only = {"--signal": args.signal is not None, "--retries": args.retries > 0, "--wait": args.wait}
+    for flag, given in slurm_only.items():
+        if given and args.executor != "slurm":
+            raise ConfigError(flag, getattr(args, flag[2:]), f"needs --executor slurm, not {args.executor}",
+                              f"drop {flag} or use --executor slurm")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,10 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dryrun:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
-        from megatron_speed.main import run
+        from megatron_speed.main import exit_status, run
 
-        run(cfg)
-        return 0
+        return exit_status(run(cfg))
     try:
         from megatron_speed.launch.executors import submit
     except ImportError:
