@@ -59,15 +59,16 @@ def submitted(job: Any) -> SubmittedJob:
                         job_name=details.job_name)
 
 
-def query(job_id: str) -> JobState | None:
-    """The job's state from `scontrol show job` (or `sacct` once the controller forgot it); None if unknown."""
-    done = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+def query(job_id: str, env: dict[str, str] | None = None) -> JobState | None:
+    """The job's state from `scontrol show job` (or `sacct` once the controller forgot it); None if unknown.
+    `env` is the client commands' environment (e.g. another cluster's `SLURM_CONF`), default this one's."""
+    done = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, env=env)
     fields = dict(re.findall(r"(\w+)=(\S*)", done.stdout)) if done.returncode == 0 else {}
     if "JobState" in fields:
         return JobState(state=fields["JobState"], exit_code=fields.get("ExitCode", "?"),
                         restarts=int(fields.get("Restarts", 0) or 0))
     done = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,ExitCode", "-j", job_id],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     rows = [line.split("|") for line in done.stdout.splitlines() if "|" in line] if done.returncode == 0 else []
     if not rows:
         return None
