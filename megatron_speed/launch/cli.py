@@ -129,6 +129,23 @@ def check_launch(args: argparse.Namespace) -> None:
                               f"drop {flag} or use --executor slurm")
 
 
+def check_script_text(args: argparse.Namespace, overrides: list[str], env: dict[str, str]) -> None:
+    """nemo-run 0.11 writes a SLURM job without a container by replacing every "/nemo_run" in the batch
+    script with the job's folder (meant for the container mount point), so any path containing it -- the
+    experiment folder under NEMORUN_HOME, an override, an environment value, the interpreter -- is
+    silently rewritten and the job fails at start. Refuse it here instead."""
+    if args.executor != "slurm" or args.container_image is not None:
+        return
+    home = os.path.expanduser(os.environ.get("NEMORUN_HOME", "~/.nemo_run"))
+    texts = {"NEMORUN_HOME": home, "python": sys.executable, **{f"override {o}": o for o in overrides},
+             **{f"--env {k}": v for k, v in env.items()}}
+    for where, text in texts.items():
+        if "/nemo_run" in text:
+            raise ConfigError(where, text, "contains '/nemo_run', which nemo-run rewrites in a SLURM script "
+                              "without a container", "use a path without a 'nemo_run' component "
+                              "(e.g. NEMORUN_HOME=~/.nemo_run, the default)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.list:
@@ -147,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if not inline:
             check_launch(args)
             overrides, env = job_overrides(args), job_env(args)
+            check_script_text(args, overrides, env)
             load_config(args.recipe, overrides)  # what the job itself will load
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -43,7 +43,7 @@ JOB_TIMEOUT = 900
 
 def launch(cluster: LocalSlurm, out: Path, name: str, *extra: str, timeout: float = 120) -> str:
     """Submit the toy job `name` (writing under `out`); returns launch.py's output."""
-    env = {**cluster.env, "NEMORUN_HOME": str(out / "nemo_run"), "COLUMNS": "20000",
+    env = {**cluster.env, "NEMORUN_HOME": str(out / "nemorun"), "COLUMNS": "20000",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     done = subprocess.run([sys.executable, str(ROOT / "launch.py"), "toy_cpu", f"run.output_dir={out}",
                            f"run.name={name}", *TOY, *SLURM, *extra], cwd=ROOT, env=env, capture_output=True,

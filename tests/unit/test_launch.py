@@ -42,7 +42,7 @@ SLURM_2x8 = ["speed_rloo_js__qwen2.5-math-7b__dapo17k", "run.steps=3", "rollout.
 
 
 def launch(args: list[str], tmp: Path, timeout: float = 180, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NEMORUN_HOME": str(tmp / "nemo_run"), "COLUMNS": "20000",
+    env = {**os.environ, "NEMORUN_HOME": str(tmp / "nemorun"), "COLUMNS": "20000",
            "MEGATRON_SPEED_DATA_DIR": "/data", "MEGATRON_SPEED_MODEL_DIR": "/models",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # torchrun of this env
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=env, capture_output=True,
@@ -134,7 +134,7 @@ def test_docker_dryrun(tmp_path: Path) -> None:
     command = re.findall(r"^\s*- (\S+)\s*$", request.split("executor:")[0], flags=re.M)
     assert command[0] == "torchrun" and "'2'" in command  # --nproc-per-node 2
     assert command[command.index("-m"):] == ["-m", "megatron_speed.launch.job", "toy_cpu", "run.steps=1"]
-    assert not list((tmp_path / "nemo_run").glob("experiments/*/*/toy_cpu/*.out"))  # nothing ran
+    assert not list((tmp_path / "nemorun").glob("experiments/*/*/toy_cpu/*.out"))  # nothing ran
 
 
 @needs_nemo_run
@@ -149,7 +149,7 @@ def test_local_executor_runs_the_toy_through_nemo_run(tmp_path: Path) -> None:
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     summary = json.loads((out / "toy_cpu" / "summary.json").read_text())
     assert summary["steps"] == 1
-    experiments = tmp_path / "nemo_run" / "experiments" / "toy_cpu"
+    experiments = tmp_path / "nemorun" / "experiments" / "toy_cpu"
     assert list(experiments.rglob("SUCCESS")), "nemo-run recorded no finished job"
     rank0 = next(experiments.rglob("torchelastic/**/0/stdout.log")).read_text()
     assert "[toy_cpu] held-out accuracy" in rank0  # the run's summary line, printed under torchrun
