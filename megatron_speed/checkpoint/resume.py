@@ -117,8 +117,9 @@ def stop_signals_deferred() -> Iterator[None]:
 
     SLURM and torchrun signal every process of the job, and dist-checkpointing writes through helper
     processes (a multiprocessing manager, forked writers): killed mid-save, they fail the save. Started
-    while the signal is blocked, they inherit the blocked mask and finish; this process receives the
-    pending signal when the block lifts, and the trainer stops after its next step (parallel/stop.py)."""
+    while the signal is blocked in this (main) thread, they inherit the blocked mask and finish. This
+    process still sees the signal (now, through another thread, or when the block lifts): its handler
+    only sets the stop flag (parallel/stop.py)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

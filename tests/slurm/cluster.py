@@ -138,10 +138,9 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         (r / "log").mkdir()
 
     def _spawn(self, argv: list[str], name: str, **kwargs: object) -> None:
-        log = open(self.root / f"{name}.out", "wb")  # noqa: SIM115 - the daemon writes it for its lifetime
-        self._procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True, **kwargs))  # type: ignore[arg-type]
-        log.close()
+        with open(self.root / f"{name}.out", "wb") as log:  # the daemon keeps its own copy of the descriptor
+            self._procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                                start_new_session=True, **kwargs))  # type: ignore[arg-type]
 
     def _wait_idle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

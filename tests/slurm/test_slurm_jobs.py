@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +39,7 @@ TOY = [f"run.steps={STEPS}", "eval.every=0", "eval.max_prompts=128", "run.save_e
        "metrics.progress_bar=false", "metrics.plot=false", "metrics.tensorboard=false"]
 SLURM = ["--executor", "slurm", "--nodes", "2", "--nproc", "1", "--gpus-per-node", "0", "--account", "test",
          "--partition", "debug", "--env", "OMP_NUM_THREADS=1"]
-JOB_TIMEOUT = 900
+JOB_TIMEOUT = 1500  # a safety net: a job takes 1-2 minutes on an idle 2-core machine
 
 
 def launch(cluster: LocalSlurm, out: Path, name: str, *extra: str, timeout: float = 120) -> str:
@@ -115,7 +116,12 @@ def assert_same_run(reference: Path, other: Path) -> None:
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("slurm_runs")
+    """The jobs' run.output_dir; a toy warm start cached by an earlier `python launch.py toy_cpu` in this
+    checkout (runs/cache, keyed by the task and model config) is copied in, else the first job builds it."""
+    folder = tmp_path_factory.mktemp("slurm_runs")
+    if (ROOT / "runs" / "cache").is_dir():
+        shutil.copytree(ROOT / "runs" / "cache", folder / "cache")
+    return folder
 
 
 @pytest.fixture(scope="module")
