@@ -71,6 +71,13 @@ def test_list_names_every_recipe(capsys: pytest.CaptureFixture[str]) -> None:
     (["toy_cpu", "--executor", "slurm", "--partition", "p"], "--account"),
     (["toy_cpu", "--executor", "docker"], "--container-image"),
     (["toy_cpu", "--nodes", "2"], "--nodes"),
+    (["toy_cpu", "--executor", "slurm", "--account", "a", "--partition", "p", "--signal", "TERM in 5 min"],
+     "--signal"),
+    (["toy_cpu", "--nproc", "1", "--retries", "2"], "--retries"),
+    (["toy_cpu", "--nproc", "1", "--wait"], "--wait"),
+    (["toy_cpu", "--nproc", "1", "--max-restarts", "-1"], "--max-restarts"),
+    (["toy_cpu", "run.output_dir=/scratch/nemo_run/x", "--executor", "slurm", "--account", "a", "--partition",
+      "p"], "override run.output_dir=/scratch/nemo_run/x"),
 ])
 def test_config_errors_exit_2_before_anything_runs(args: list[str], key: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -112,6 +119,20 @@ def test_slurm_script_for_2_nodes_x_8_gpus(tmp_path: Path) -> None:
     job = torchrun[torchrun.index("-m megatron_speed.launch.job"):].split(" exitcode")[0].split()
     assert job == ["-m", "megatron_speed.launch.job", "speed_rloo_js__qwen2.5-math-7b__dapo17k", "eval.every=5",
                    "run.steps=3", "rollout.n=24"]  # only the recipe and dotted overrides
+
+
+@needs_nemo_run
+def test_slurm_preemption_options_reach_the_script(tmp_path: Path) -> None:
+    done = launch(["toy_cpu", "--executor", "slurm", "--account", "a", "--partition", "p", "--nodes", "2",
+                   "--nproc", "1", "--gpus-per-node", "0", "--signal", "TERM@300", "--retries", "2",
+                   "--max-restarts", "1", "--shutdown-timeout", "120", "--dryrun"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = flat(done.stdout)
+    for line in ("sbatch --requeue", "#SBATCH --signal=TERM@300", "export TORCHX_MAX_RETRIES=2",
+                 "export PET_MAX_RESTARTS=1", "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120",
+                 f"export PATH={Path(sys.executable).parent}:$PATH"):  # no container: this environment runs
+        assert line in out, line
+    assert "--gpus-per-node" not in out  # a CPU cluster: no GPU request
 
 
 @needs_nemo_run
