@@ -42,7 +42,7 @@ SLURM = ["--executor", "slurm", "--nodes", "2", "--nproc", "1", "--gpus-per-node
 JOB_TIMEOUT = 1500  # a safety net: a job takes 1-2 minutes on an idle 2-core machine
 
 
-def launch(cluster: LocalSlurm, out: Path, name: str, *extra: str, timeout: float = 120) -> str:
+def launch(cluster: LocalSlurm, out: Path, name: str, *extra: str, timeout: float = 600) -> str:
     """Submit the toy job `name` (writing under `out`); returns launch.py's output."""
     env = {**cluster.env, "NEMORUN_HOME": str(out / "nemorun"), "COLUMNS": "20000",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
