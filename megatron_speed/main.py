@@ -12,6 +12,7 @@ from pathlib import Path
 
 from megatron_speed.config.schema import Config
 from megatron_speed.metrics import plot_accuracy_vs_time
+from megatron_speed.parallel.stop import STOPPED_EXIT_CODE
 from megatron_speed.trainer import RunSummary, Trainer
 
 
@@ -35,10 +36,21 @@ def run(cfg: Config) -> RunSummary:
         summary = Trainer(parts).fit()
     finally:
         parts.close()
-    if parts.dims.is_main:
+    if summary.stopped_by_signal:  # preempted: the checkpoint is written; summary.json waits for the end
+        if parts.dims.is_main:
+            print(f"[{cfg.run.name}] stopped by SIGTERM after step {summary.steps} of {cfg.run.steps}: checkpoint in "
+                  f"{parts.out_dir / 'checkpoints'}; a requeued or restarted job resumes from it (run.resume=auto)",
+                  flush=True)
+    elif parts.dims.is_main:
         report(cfg, parts.out_dir, summary, model_path=parts.hf_path, setup_seconds=setup_seconds,
                total_seconds=time.perf_counter() - started)
     return summary
+
+
+def exit_status(summary: RunSummary) -> int:
+    """0 for a finished run; 143 (128 + SIGTERM) for one stopped by a signal after its checkpoint, so
+    torchrun, the batch script and SLURM see an unfinished job (nemo-run's `--retries` requeue it)."""
+    return STOPPED_EXIT_CODE if summary.stopped_by_signal else 0
 
 
 def report(cfg: Config, out_dir: Path, summary: RunSummary, *, model_path: Path, setup_seconds: float,

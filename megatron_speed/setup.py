@@ -26,6 +26,7 @@ from megatron_speed.memory.runtime import measured_engine_memory
 from megatron_speed.metrics import MetricsLogger
 from megatron_speed.parallel import ParallelDims, init_parallel
 from megatron_speed.preflight import check_paths
+from megatron_speed.parallel.stop import StopOnSignal
 from megatron_speed.records import PromptRecord
 from megatron_speed.rewards import RewardPool
 from megatron_speed.rollout.engine import VLLMEngine
@@ -49,6 +50,7 @@ class Components:
     pad_id: int
     data_metrics: dict[str, float]
     resume_from: Path | None = None  # the checkpoint this run continues (run.resume), None = fresh start
+    stop: StopOnSignal | None = None  # SIGTERM -> checkpoint after this step and leave (parallel/stop.py)
 
     @property
     def replicas(self) -> ReplicaLayout:
@@ -72,6 +74,8 @@ class Components:
         return save_hf_folder(self.out_dir / "hf" / tag, self.hf_path, tensors)
 
     def close(self) -> None:
+        if self.stop is not None:
+            self.stop.restore()
         self.rewards.close()
         self.logger.close()
 
@@ -184,7 +188,7 @@ def build(cfg: Config) -> Components:
                         seed=cfg.rollout.seed + replicas.replica, rank=replicas.replica, memory=memory)
     sampler = PromptSampler(train, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Components(
+    parts = Components(
         cfg=cfg, dims=dims, out_dir=out_dir, hf_path=hf_path, engine=engine, actor=actor,
         rewards=RewardPool(cfg.rewards.grader, cfg.rewards.num_workers, cfg.rewards.timeout_seconds),
         curriculum=build_curriculum(cfg.curriculum, sampler, n=cfg.rollout.n),
@@ -196,3 +200,5 @@ def build(cfg: Config) -> Components:
                              purge_step=None if resume_from is None else checkpoint_step(resume_from) + 1),
         eval_records=cap_per_set(held_out, cfg.eval.max_prompts), pad_id=int(pad), data_metrics=counts,
         resume_from=resume_from)
+    parts.stop = StopOnSignal(parts.device)  # last: nothing built after it replaces the SIGTERM handler
+    return parts

@@ -44,6 +44,7 @@ class RunSummary:
     set_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     set_metrics: dict[str, str] = field(default_factory=dict)
     save_seconds: float = 0.0  # checkpoints and HF exports, excluded from `seconds` as upstream does
+    stopped_by_signal: bool = False  # SIGTERM (preemption): checkpointed at `steps`, the run is not over
 
     @property
     def gain_points(self) -> float:
@@ -99,9 +100,12 @@ class Trainer:
             with self.timer("refit"):
                 stats.update(self.refit().metrics())
             self.log(step, groups, train_groups, batch, stats, dict(faults))
-            self.maybe_save(step)
+            stop = p.stop is not None and p.stop.requested()  # SIGTERM on any rank: save this step, leave
+            self.maybe_save(step, force=stop)
             groups, faults = [], Counter()
-        if step < cfg.run.steps and not self._out_of_time():  # paused by stop_after: the run is not over
+            if stop:
+                break
+        if step < cfg.run.steps and not self._out_of_time():  # paused (stop_after, SIGTERM): not over
             return self.summary(step, final=self.curve[-1][1])
         final = self.curve[-1][1] if self.last_eval_step == step else self.evaluate()
         if self.last_eval_step != step:
@@ -113,7 +117,8 @@ class Trainer:
         return RunSummary(steps=step, seconds=self._rl_seconds(), eval_seconds=self.eval_seconds,
                           warm_start_accuracy=self.warm, final_accuracy=final, accuracy_curve=list(self.curve),
                           set_curves={k: list(v) for k, v in self.set_curves.items()},
-                          set_metrics=dict(self.set_metrics), save_seconds=self.save_seconds)
+                          set_metrics=dict(self.set_metrics), save_seconds=self.save_seconds,
+                          stopped_by_signal=self.parts.stop is not None and self.parts.stop.stopped)
 
     def train_step(self, batch: TrainBatch, token_adv: torch.Tensor) -> dict[str, float]:
         """Recompute old log-probs with the actor, then PPO-clip updates over the batch."""
@@ -188,9 +193,10 @@ class Trainer:
                 "eval_seconds": self.eval_seconds, "save_seconds": self.save_seconds,
                 "set_curves": self.set_curves, "set_metrics": self.set_metrics, "rl_seconds": self._rl_seconds()}
 
-    def maybe_save(self, step: int) -> None:
+    def maybe_save(self, step: int, *, force: bool = False) -> None:
+        """Every `run.save_every` steps and at a pause; `force` (a stop signal) saves even with saving off."""
         every = self.cfg.run.save_every
-        if every and (step % every == 0 or step == self.stop_step):
+        if force or (every and (step % every == 0 or step == self.stop_step)):
             p, started = self.parts, time.perf_counter()
             save_checkpoint(checkpoints_root(p.out_dir), step, actor=p.actor, hf_src=p.hf_path,
                             trainer_state=self.state_dict(step), keep_last=self.cfg.run.keep_last,

@@ -13,10 +13,14 @@ checkpoints root and must hold a complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ from megatron_speed.checkpoint.layout import (
 from megatron_speed.checkpoint.megatron import load_megatron, save_megatron
 from megatron_speed.checkpoint.trainer_state import load_trainer_state, save_trainer_state
 from megatron_speed.config.base import ConfigError
+from megatron_speed.parallel.stop import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +97,38 @@ def save_checkpoint(root: Path, step: int, *, actor: Any, hf_src: Path, trainer_
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save of this step
         (tmp / "megatron").mkdir(parents=True)
     _barrier()
-    save_megatron(tmp / "megatron", actor.chunks, actor.optimizer, actor.scheduler)
-    save_trainer_state(tmp, _rank(), trainer_state)
-    _barrier()  # every rank's files are on disk before rank 0 declares the checkpoint complete
-    if main:
-        copy_hf_files(hf_src, tmp / "hf")
-        write_meta(tmp, step=step, contents=["model", "optimizer", "scheduler", "trainer"],
-                   **{**actor.layout, **layout})  # incl. the pipeline split (layers per stage)
-        commit(tmp, final)
-        for path in prune(root, keep_last):
-            log.info("deleted old checkpoint %s (run.keep_last=%d)", path, keep_last)
-    _barrier()
+    with stop_signals_deferred():
+        save_megatron(tmp / "megatron", actor.chunks, actor.optimizer, actor.scheduler)
+        save_trainer_state(tmp, _rank(), trainer_state)
+        _barrier()  # every rank's files are on disk before rank 0 declares the checkpoint complete
+        if main:
+            copy_hf_files(hf_src, tmp / "hf")
+            write_meta(tmp, step=step, contents=["model", "optimizer", "scheduler", "trainer"],
+                       **{**actor.layout, **layout})  # incl. the pipeline split (layers per stage)
+            commit(tmp, final)
+            for path in prune(root, keep_last):
+                log.info("deleted old checkpoint %s (run.keep_last=%d)", path, keep_last)
+        _barrier()
     return final
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM (preemption) back until the save is over.
+
+    SLURM and torchrun signal every process of the job, and dist-checkpointing writes through helper
+    processes (a multiprocessing manager, forked writers): killed mid-save, they fail the save. Started
+    while the signal is blocked in this (main) thread, they inherit the blocked mask and finish. This
+    process still sees the signal (now, through another thread, or when the block lifts): its handler
+    only sets the stop flag (parallel/stop.py)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def load_checkpoint(path: Path, *, actor: Any, world_size: int) -> dict[str, Any]:

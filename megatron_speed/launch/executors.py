@@ -70,13 +70,22 @@ def docker_executor(args: argparse.Namespace, env: dict[str, str]) -> Any:
 
 
 def slurm_executor(args: argparse.Namespace, env: dict[str, str]) -> Any:
+    """sbatch through a local tunnel (`sbatch`, `scontrol` on this machine's PATH). Jobs are submitted
+    with `--requeue` (nemo-run's default): a preempted or `scontrol requeue`d job reruns its script and
+    resumes from its latest checkpoint. Without a container the job runs this interpreter's environment
+    (its bin/ first on PATH), which must therefore be on a filesystem the nodes share."""
     import nemo_run as run
 
     gpus = args.gpus_per_node if args.gpus_per_node is not None else args.nproc
-    return run.SlurmExecutor(account=args.account, partition=args.partition, time=args.time, nodes=args.nodes,
-                             ntasks_per_node=args.nproc, gpus_per_node=gpus, container_image=args.container_image,
-                             container_mounts=list(args.mounts), env_vars=env, packager=_packager(),
-                             launcher=run.Torchrun(rdzv_port=args.rdzv_port))
+    if args.container_image is None:
+        env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}$PATH"}  # expanded by the batch script
+    executor = run.SlurmExecutor(account=args.account, partition=args.partition, time=args.time, nodes=args.nodes,
+                                 ntasks_per_node=args.nproc, gpus_per_node=gpus or None,
+                                 container_image=args.container_image, container_mounts=list(args.mounts),
+                                 env_vars=env, packager=_packager(), signal=args.signal,
+                                 launcher=run.Torchrun(rdzv_port=args.rdzv_port), poll_estimated_start_time=False)
+    executor.retries = args.retries  # the batch script requeues itself after an unfinished exit, up to N times
+    return executor
 
 
 EXECUTORS = {"local": local_executor, "docker": docker_executor, "slurm": slurm_executor}
@@ -84,7 +93,8 @@ EXECUTORS = {"local": local_executor, "docker": docker_executor, "slurm": slurm_
 
 def submit(recipe: str, overrides: list[str], args: argparse.Namespace, env: dict[str, str]) -> int:
     """Run (or with `args.dryrun`, print) the job; the exit status is the job's for local and Docker
-    runs, which block, and 0 once a SLURM job is queued (it outlives the submitting shell)."""
+    runs, which block. A SLURM job outlives the submitting shell: its id and log are printed and the
+    status is 0 once it is queued, or with `args.wait` the job's own (see `slurm.report`)."""
     warnings.filterwarnings("ignore", message=".*starlette")  # leptonai imports deprecated starlette parts
     import nemo_run as run
 
@@ -102,7 +112,9 @@ def submit(recipe: str, overrides: list[str], args: argparse.Namespace, env: dic
         detach = args.executor == "slurm"
         exp.run(detach=detach)
     if detach:
-        return 0
+        from megatron_speed.launch.slurm import report, submitted
+
+        return report(submitted(exp.jobs[0]), wait_for_end=args.wait)
     # Read after the context closes: leaving it is what waits for an attached job to finish.
     status = (exp.status(return_dict=True) or {}).get(name, {}).get("status")
     return 0 if str(status) == "SUCCEEDED" else 1

@@ -24,10 +24,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    from megatron_speed.main import run
+    from megatron_speed.main import exit_status, run
 
-    run(cfg)
-    return 0
+    return exit_status(run(cfg))
 
 
 if __name__ == "__main__":  # the guard also keeps dist-checkpointing's spawned writer from re-running the job

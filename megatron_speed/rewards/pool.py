@@ -77,7 +77,10 @@ class _Worker:
 
 def _worker_main(conn: Connection, grader_name: str) -> None:
     """Resolve the grader, report ready, then grade one `(response, answer)` per message until None."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it kills us
+    # Ctrl-C and SIGTERM (SLURM signals every process of a job step) are the parent's to handle: it
+    # finishes the step and stops us itself, so a preemption never turns a graded item into a crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         grader = resolve_grader(grader_name)
     except BaseException:

@@ -42,7 +42,7 @@ SLURM_2x8 = ["speed_rloo_js__qwen2.5-math-7b__dapo17k", "run.steps=3", "rollout.
 
 
 def launch(args: list[str], tmp: Path, timeout: float = 180, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NEMORUN_HOME": str(tmp / "nemo_run"), "COLUMNS": "20000",
+    env = {**os.environ, "NEMORUN_HOME": str(tmp / "nemorun"), "COLUMNS": "20000",
            "MEGATRON_SPEED_DATA_DIR": "/data", "MEGATRON_SPEED_MODEL_DIR": "/models",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # torchrun of this env
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=env, capture_output=True,
@@ -71,6 +71,13 @@ def test_list_names_every_recipe(capsys: pytest.CaptureFixture[str]) -> None:
     (["toy_cpu", "--executor", "slurm", "--partition", "p"], "--account"),
     (["toy_cpu", "--executor", "docker"], "--container-image"),
     (["toy_cpu", "--nodes", "2"], "--nodes"),
+    (["toy_cpu", "--executor", "slurm", "--account", "a", "--partition", "p", "--signal", "TERM in 5 min"],
+     "--signal"),
+    (["toy_cpu", "--nproc", "1", "--retries", "2"], "--retries"),
+    (["toy_cpu", "--nproc", "1", "--wait"], "--wait"),
+    (["toy_cpu", "--nproc", "1", "--max-restarts", "-1"], "--max-restarts"),
+    (["toy_cpu", "run.output_dir=/scratch/nemo_run/x", "--executor", "slurm", "--account", "a", "--partition",
+      "p"], "override run.output_dir=/scratch/nemo_run/x"),
 ])
 def test_config_errors_exit_2_before_anything_runs(args: list[str], key: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -115,6 +122,20 @@ def test_slurm_script_for_2_nodes_x_8_gpus(tmp_path: Path) -> None:
 
 
 @needs_nemo_run
+def test_slurm_preemption_options_reach_the_script(tmp_path: Path) -> None:
+    done = launch(["toy_cpu", "--executor", "slurm", "--account", "a", "--partition", "p", "--nodes", "2",
+                   "--nproc", "1", "--gpus-per-node", "0", "--signal", "TERM@300", "--retries", "2",
+                   "--max-restarts", "1", "--shutdown-timeout", "120", "--dryrun"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = flat(done.stdout)
+    for line in ("sbatch --requeue", "#SBATCH --signal=TERM@300", "export TORCHX_MAX_RETRIES=2",
+                 "export PET_MAX_RESTARTS=1", "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120",
+                 f"export PATH={Path(sys.executable).parent}:$PATH"):  # no container: this environment runs
+        assert line in out, line
+    assert "--gpus-per-node" not in out  # a CPU cluster: no GPU request
+
+
+@needs_nemo_run
 def test_slurm_dryrun_from_outside_the_checkout(tmp_path: Path) -> None:
     done = launch(["toy_cpu", "--executor", "slurm", "--account", "a", "--partition", "p", "--nproc", "2",
                    "--dryrun"], tmp_path, cwd=tmp_path)  # nemo-run packages the checkout, not the cwd
@@ -134,7 +155,7 @@ def test_docker_dryrun(tmp_path: Path) -> None:
     command = re.findall(r"^\s*- (\S+)\s*$", request.split("executor:")[0], flags=re.M)
     assert command[0] == "torchrun" and "'2'" in command  # --nproc-per-node 2
     assert command[command.index("-m"):] == ["-m", "megatron_speed.launch.job", "toy_cpu", "run.steps=1"]
-    assert not list((tmp_path / "nemo_run").glob("experiments/*/*/toy_cpu/*.out"))  # nothing ran
+    assert not list((tmp_path / "nemorun").glob("experiments/*/*/toy_cpu/*.out"))  # nothing ran
 
 
 @needs_nemo_run
@@ -149,7 +170,7 @@ def test_local_executor_runs_the_toy_through_nemo_run(tmp_path: Path) -> None:
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     summary = json.loads((out / "toy_cpu" / "summary.json").read_text())
     assert summary["steps"] == 1
-    experiments = tmp_path / "nemo_run" / "experiments" / "toy_cpu"
+    experiments = tmp_path / "nemorun" / "experiments" / "toy_cpu"
     assert list(experiments.rglob("SUCCESS")), "nemo-run recorded no finished job"
     rank0 = next(experiments.rglob("torchelastic/**/0/stdout.log")).read_text()
     assert "[toy_cpu] held-out accuracy" in rank0  # the run's summary line, printed under torchrun
