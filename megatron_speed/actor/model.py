@@ -136,8 +136,9 @@ def layer_spec(backend: str, *, qk_layernorm: bool) -> Any:
 
 
 def transformer_config_from_hf(hf_config: Any, *, params_dtype: torch.dtype, tp: int = 1, pp: int = 1,
-                               recompute: str = "none", vpp: int | None = None) -> Any:
-    """The megatron-core TransformerConfig equivalent to an HF decoder config (`vpp`: virtual stages)."""
+                               recompute: str = "none", vpp: int | None = None, cp: int = 1) -> Any:
+    """The megatron-core TransformerConfig equivalent to an HF decoder config (`vpp`: virtual stages,
+    `cp`: context-parallel size, which splits sequences, never weights)."""
     from megatron.core.transformer import TransformerConfig
 
     arch = architecture(hf_config)
@@ -171,6 +172,7 @@ def transformer_config_from_hf(hf_config: Any, *, params_dtype: torch.dtype, tp:
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         pipeline_dtype=params_dtype,
@@ -206,7 +208,7 @@ def build_gpt_model(hf_config: Any, *, params_dtype: torch.dtype, tp: int = 1, p
     check_tensor_parallel(hf_config, tp)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     config = transformer_config_from_hf(hf_config, params_dtype=params_dtype, tp=tp, pp=pp, recompute=recompute,
-                                        vpp=vpp)
+                                        vpp=vpp, cp=parallel_state.get_context_parallel_world_size())
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(resolve_attention_backend(attention_backend),
