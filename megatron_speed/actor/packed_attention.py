@@ -97,7 +97,8 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple[torch
     def mask_mod(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return (q_seq[q_idx] == k_seq[kv_idx]) & (k_pos[kv_idx] <= q_pos[q_idx])
 
-    block_mask = create_block_mask(mask_mod, None, None, q.shape[2], k.shape[2], device=q.device)
+    # compiled: the block mask is built block by block instead of from a dense [Tq, Tk] mask
+    block_mask = create_block_mask(mask_mod, None, None, q.shape[2], k.shape[2], device=q.device, _compile=compiled)
     kernel = _compiled_flex() if compiled else flex_attention
     return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 

@@ -75,6 +75,11 @@ def run(hf_dir: Path, layout: dict[str, Any], *, perturb_row: int | None = None)
     stats = actor.train_step(tokens, mask, logprobs - 0.05 * mask, adv)
     result.update(stats=stats, grads=_grads(actor), after={k: v.clone() for k, v in actor.export_hf_weights()},
                   logprobs_after=actor.compute_logprobs(tokens, mask=mask))
+    if layout.get("save"):  # a trainer checkpoint written at this layout (the converter test reads it)
+        from megatron_speed.checkpoint.resume import save_checkpoint
+
+        save_checkpoint(Path(layout["save"]), 1, actor=actor, hf_src=hf_dir, trainer_state={"step": 1}, keep_last=1,
+                        layout={"world_size": dims.world_size, "tp": dims.tp, "pp": dims.pp, "cp": dims.cp})
     return result
 
 
