@@ -13,8 +13,8 @@ over the CP group (`gather_sequence`, whose backward sums the key/value gradient
 hands each rank its own slice), and the mask is built from the gathered positions, so the causal
 offsets between chunks come out right by construction.
 
-Kernels (`masked_attention`): on CPU SDPA with a dense boolean mask [T_local, T_cp] (fine at CPU
-sizes); on CUDA PyTorch's FlexAttention (`torch.nn.attention.flex_attention` with a block mask built
+Kernels (`masked_attention`): on CPU SDPA once per sequence with that sequence's causal block of
+the mask (the block-diagonal mask without computing its empty blocks); on CUDA PyTorch's FlexAttention (`torch.nn.attention.flex_attention` with a block mask built
 from the same (sequence, position) rule, compiled by `torch.compile`), which skips fully masked
 blocks, so cross-sequence work and the O(T²) mask are never materialised. Dropout is only supported
 by the dense kernel (the recipes train with attention dropout 0).
@@ -114,16 +114,39 @@ def _compiled_flex() -> Any:
     return _COMPILED[0]
 
 
+def _by_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple[torch.Tensor, ...], *,
+                 scale: float, gqa: bool, dropout: float) -> torch.Tensor:
+    """SDPA once per sequence over its own keys: the block-diagonal mask without its zero blocks,
+    O(sum of L_i^2 / CP) work instead of O(T^2). A rank's queries of one sequence are contiguous."""
+    q_seq, q_pos, k_seq, k_pos = layout
+    order = torch.argsort(k_seq, stable=True)
+    k_counts = torch.bincount(k_seq, minlength=int(q_seq.max()) + 1).tolist()
+    q_counts = torch.bincount(q_seq, minlength=len(k_counts)).tolist()
+    outs, q_start, k_start = [], 0, 0
+    for nq, nk in zip(q_counts, k_counts):
+        if nq:
+            keys = order[k_start:k_start + nk]
+            qs = slice(q_start, q_start + nq)
+            mask = k_pos[keys][None, :] <= q_pos[qs][:, None]
+            outs.append(F.scaled_dot_product_attention(q[:, :, qs], k[:, :, keys], v[:, :, keys], attn_mask=mask,
+                                                       dropout_p=dropout, scale=scale, enable_gqa=gqa))
+        q_start, k_start = q_start + nq, k_start + nk
+    return torch.cat(outs, dim=2)
+
+
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple[torch.Tensor, ...], *,
                      scale: float, gqa: bool, dropout: float = 0.0, kernel: str = "auto") -> torch.Tensor:
     """Attention of q [1, h, Tq, d] over k, v [1, g, Tk, d] under the (sequence, position) rule.
 
-    `layout` = (q_seq, q_pos, k_seq, k_pos). `kernel`: "dense" (SDPA + boolean mask), "flex"
-    (FlexAttention; compiled on CUDA, eager elsewhere, which is what the CPU tests check) or "auto"
-    (flex on CUDA without dropout, else dense)."""
+    `layout` = (q_seq, q_pos, k_seq, k_pos). `kernel`: "blocks" (SDPA per sequence, each with its
+    causal block of the mask), "dense" (one SDPA call with the whole [Tq, Tk] boolean mask; the
+    plain reference), "flex" (FlexAttention; compiled on CUDA, eager elsewhere, which is what the
+    CPU tests check) or "auto" (flex on CUDA without dropout, else blocks)."""
     if kernel == "auto":
-        kernel = "flex" if q.is_cuda and dropout == 0.0 else "dense"
+        kernel = "flex" if q.is_cuda and dropout == 0.0 else "blocks"
     if kernel == "flex":
         return _flex(q, k, v, layout, scale=scale, gqa=gqa, compiled=q.is_cuda)
+    if kernel == "blocks":
+        return _by_sequence(q, k, v, layout, scale=scale, gqa=gqa, dropout=dropout)
     mask = allowed(*layout)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa)

@@ -5,9 +5,9 @@
 * the THD layout: positions restart per sequence, labels are the next tokens, and the CP split keeps
   chunks r and 2·CP−1−r of each sequence, so the ranks' positions tile every sequence exactly once;
 * per-sequence aggregation over packed rows (also split over CP holders) equals the padded one;
-* packed attention equals per-sequence causal SDPA, for the dense and the FlexAttention kernels and
-  for megatron's `PackedSeqParams` through `SDPAttention`, and a CP rank's attention over gathered
-  keys equals the matching rows of the unsplit attention;
+* packed attention equals per-sequence causal SDPA for each kernel (per-sequence blocks, one dense
+  mask, FlexAttention) and for megatron's `PackedSeqParams` through `SDPAttention`, and a CP rank's
+  attention over gathered keys equals the matching rows of the unsplit attention;
 * config validation names what does not combine.
 """
 
@@ -158,7 +158,7 @@ def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[in
                                                      scale=0.2, enable_gqa=True) for s, e in itertools.pairwise(cu)], 2)
 
 
-@pytest.mark.parametrize("kernel", ["dense", "flex"])
+@pytest.mark.parametrize("kernel", ["blocks", "dense", "flex"])
 def test_packed_attention_equals_per_sequence_causal_attention(kernel: str) -> None:
     cu = [0, 5, 12, 13, 20]
     seq, pos = packed_layout(torch.tensor(cu, dtype=torch.int32))
@@ -182,9 +182,10 @@ def test_cp_rank_attention_over_gathered_keys_equals_unsplit_rows() -> None:
     for r in range(cp):
         q_seq, q_pos = packed_layout(cu, cp, r)
         q_idx = torch.tensor([index[(int(s), int(p))] for s, p in zip(q_seq, q_pos)])
-        got = masked_attention(q[:, :, q_idx], k[:, :, k_idx], v[:, :, k_idx], (q_seq, q_pos, k_seq, k_pos),
-                               scale=0.2, gqa=True)
-        assert torch.allclose(got, full[:, :, q_idx], atol=1e-6)
+        for kernel in ("blocks", "dense"):
+            got = masked_attention(q[:, :, q_idx], k[:, :, k_idx], v[:, :, k_idx], (q_seq, q_pos, k_seq, k_pos),
+                                   scale=0.2, gqa=True, kernel=kernel)
+            assert torch.allclose(got, full[:, :, q_idx], atol=1e-6), kernel
 
 
 def test_sdpa_module_takes_megatron_packed_seq_params() -> None:
