@@ -19,7 +19,9 @@ truncated at the cap (about 4 % of responses hit it), as RL traces are. With `--
 runs under torchrun on N ranks with `parallel.context_parallel_size=N` (packed only).
 
 Tokens/s counts the tokens the loss needs (prompt + response, not padding); `computed/s` counts
-every position the model ran on. `pad %` is the actor's own `actor/padding_fraction`.
+every position the model ran on. `pad %` is the actor's own `actor/padding_fraction`. `CPU s` is
+the process's CPU time per step (every thread; rank 0 under torchrun), the steadier measure on a
+shared CPU machine where wall time depends on what else runs.
 
 MFU counts model FLOPs only (recomputation is not credited): per trained token
 6 * (matmul parameters incl. the LM head) + 6 * layers * seq * heads * head_dim (causal attention,
@@ -65,6 +67,7 @@ class Result:
     cp: int = 1
     padding_fraction: float = 0.0
     computed_tokens_per_s: float = 0.0
+    cpu_step_s: float = 0.0  # process CPU time per step (all threads): stable on a shared machine
 
 
 def flops_per_token(hf: dict[str, int], seq: int) -> float:
@@ -135,10 +138,11 @@ def run_one(args: argparse.Namespace, backend: str, batching: str) -> Result:
         step()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         stats = step()
     seconds = (time.perf_counter() - started) / args.steps
+    cpu_seconds = (time.process_time() - cpu_started) / args.steps
     tokens_per_s = sum(lengths) / seconds
     mean_len = sum(n * n for n in lengths) / sum(lengths)
     mfu = 100.0 * tokens_per_s * flops_per_token(SHAPES[args.shape], int(mean_len)) / (args.peak_tflops * 1e12)
@@ -146,7 +150,7 @@ def run_one(args: argparse.Namespace, backend: str, batching: str) -> Result:
     pad = stats["actor/padding_fraction"]
     return Result(args.shape, backend, args.seq, args.micro_batch, args.recompute, tokens_per_s, seconds, mfu,
                   peak, stats["loss"], batching=batching, lengths=args.lengths, cp=args.cp, padding_fraction=pad,
-                  computed_tokens_per_s=tokens_per_s / max(1.0 - pad, 1e-9))
+                  computed_tokens_per_s=tokens_per_s / max(1.0 - pad, 1e-9), cpu_step_s=cpu_seconds)
 
 
 def _launch(args: argparse.Namespace, backend: str, batching: str) -> tuple[Result | None, str]:
@@ -199,10 +203,11 @@ def main() -> int:
             else:
                 results.append(result)
     print(f"{'backend':8} {'batching':8} {'cp':>2} {'seq':>6} {'mb':>3} {'pad %':>6} {'tokens/s':>10} "
-          f"{'computed/s':>10} {'step s':>8} {'MFU %':>6} {'peak GiB':>9}")
+          f"{'computed/s':>10} {'step s':>8} {'CPU s':>7} {'MFU %':>6} {'peak GiB':>9}")
     for r in results:
         print(f"{r.backend:8} {r.batching:8} {r.cp:>2} {r.seq:>6} {r.micro_batch:>3} {100 * r.padding_fraction:>6.1f} "
-              f"{r.tokens_per_s:>10.0f} {r.computed_tokens_per_s:>10.0f} {r.step_s:>8.3f} {r.mfu_percent:>6.1f} "
+              f"{r.tokens_per_s:>10.0f} {r.computed_tokens_per_s:>10.0f} {r.step_s:>8.3f} {r.cpu_step_s:>7.2f} "
+              f"{r.mfu_percent:>6.1f} "
               f"{r.peak_gib:>9.1f}")
     for backend, why in failures.items():
         print(f"{backend:8} failed: {why}")
