@@ -243,8 +243,9 @@ class MegatronActor:
         else:
             numerator, denominator = aggregate_loss(objective, mb.mask, aggregation=cfg.loss_aggregation,
                                                     horizon=self.horizon)
-        stats["computed_tokens"] = torch.tensor(float(mb.tokens.numel()))
-        stats["real_tokens"] = torch.tensor(float(_real_tokens(mb)))
+        device = mb.tokens.device  # the stats are stacked with the loss's own, on its device
+        stats["computed_tokens"] = torch.tensor(float(mb.tokens.numel()), device=device)
+        stats["real_tokens"] = torch.tensor(float(_real_tokens(mb)), device=device)
         if kl is not None:
             stats["kl_sum"] = kl.detach().sum()
         if entropy is not None:
