@@ -25,8 +25,8 @@ from megatron_speed.evaluate import cap_per_set, resolve_files
 from megatron_speed.memory.runtime import measured_engine_memory
 from megatron_speed.metrics import MetricsLogger
 from megatron_speed.parallel import ParallelDims, init_parallel
-from megatron_speed.preflight import check_paths
 from megatron_speed.parallel.stop import StopOnSignal
+from megatron_speed.preflight import check_paths
 from megatron_speed.records import PromptRecord
 from megatron_speed.rewards import RewardPool
 from megatron_speed.rollout.engine import VLLMEngine

@@ -200,7 +200,8 @@ class Trainer:
             p, started = self.parts, time.perf_counter()
             save_checkpoint(checkpoints_root(p.out_dir), step, actor=p.actor, hf_src=p.hf_path,
                             trainer_state=self.state_dict(step), keep_last=self.cfg.run.keep_last,
-                            layout={"world_size": p.dims.world_size, "tp": p.dims.tp, "pp": p.dims.pp})
+                            layout={"world_size": p.dims.world_size, "tp": p.dims.tp, "pp": p.dims.pp,
+                                    "cp": p.dims.cp})
             self.save_seconds += time.perf_counter() - started
 
     def resume(self, path: Path) -> int:

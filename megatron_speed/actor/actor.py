@@ -12,6 +12,11 @@ every rank: log-probs exist only on the last pipeline stage, so they are broadca
 group and then all-gathered over data parallelism; loss statistics are summed over micro-batches and
 data-parallel ranks on the last stage and broadcast from there.
 
+Sequence packing (`optim.pack_sequences`, actor/packing.py) replaces the padded rows: every rank bins
+the whole (mini-)batch for all data-parallel ranks, keeps its own packed micro-batches, and with
+context parallelism its chunks of each sequence; per-token outputs come back at (row, column) of the
+batch and are summed over data- and context-parallel ranks (each position has exactly one holder).
+
 With PP > 1 the model config sets `variable_seq_lengths`: the stages exchange each activation's shape
 before the activation, so micro-batches may differ in rows (the last, smaller one) and in length
 (dynamic batching) — checked on CPU with PP=2.
@@ -38,10 +43,12 @@ from megatron_speed.actor.batching import (
     split_rows,
 )
 from megatron_speed.actor.cpu_support import cpu_megatron
-from megatron_speed.actor.logprobs import token_entropy, token_logprobs
+from megatron_speed.actor.logprobs import position_logprobs, token_entropy, token_logprobs
 from megatron_speed.actor.model import build_gpt_model
 from megatron_speed.actor.optimizer import build_optimizer
+from megatron_speed.actor.packing import PackedMicroBatch, balanced_bins, build_packed, padded_length, scatter_packed
 from megatron_speed.algorithms import aggregate_loss, kl_penalty, policy_objective, ppo_clip_token_loss
+from megatron_speed.algorithms.aggregation import aggregate_segments
 from megatron_speed.bridge import mapping_for
 from megatron_speed.bridge.weights import export_hf_weights, load_hf_weights
 from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig, ParallelConfig
@@ -68,6 +75,16 @@ def _check_layout(hf_config: Any, pp: int, vpp: int, first: int | None = None,
     return parallel.layers_per_stage(hf_config.num_hidden_layers)
 
 
+def _real_tokens(mb: MicroBatch | PackedMicroBatch) -> int:
+    """Positions of a micro-batch that hold a token the loss needs (the rest is padding)."""
+    if isinstance(mb, PackedMicroBatch):
+        return mb.real_tokens
+    cols = torch.arange(1, mb.mask.shape[1] + 1, device=mb.mask.device)
+    last = torch.where(mb.mask > 0, cols, torch.zeros_like(cols)).max(dim=1).values
+    real = mb.rows >= 0 if mb.rows is not None else torch.ones_like(last, dtype=torch.bool)
+    return int(torch.where(real, (last + 1).clamp(min=2), torch.zeros_like(last)).sum())
+
+
 class MegatronActor:
     """Owns the model chunk(s), the optimizer and the LR schedule on this rank."""
 
@@ -87,6 +104,10 @@ class MegatronActor:
         self.vpp = _ps().get_virtual_pipeline_model_parallel_world_size() or 1
         self.stage_layers = (first_stage_layers, last_stage_layers)  # megatron's uneven split; None = even
         self.layers_per_stage = _check_layout(self.hf_config, pp, self.vpp, *self.stage_layers)
+        self.cp = _ps().get_context_parallel_world_size()
+        if self.cp > 1 and not optim_cfg.pack_sequences:
+            raise ConfigError("parallel.context_parallel_size", self.cp, "needs packed sequences",
+                              "set optim.pack_sequences=true (with optim.micro_batch_tokens)")
         self.dtype = torch.bfloat16 if model_cfg.params_dtype == "bfloat16" else torch.float32
         with cpu_megatron():
             self.chunks = self._wrap_ddp(self._build_chunks())
@@ -169,6 +190,22 @@ class MegatronActor:
         share = rows // size
         return slice(rank * share, (rank + 1) * share)
 
+    def _packed_micro_batches(self, tokens: torch.Tensor, length_mask: torch.Tensor | None,
+                              *per_token: torch.Tensor | None) -> list[PackedMicroBatch]:
+        """This rank's packed micro-batches of ALL of `tokens`' rows (binned for every data-parallel
+        rank alike; with CP, this rank's chunks). Per-token tensors: mask, old, advantages[, ref]."""
+        ps = _ps()
+        lengths = row_lengths(length_mask, tokens.shape[1], tokens.shape[0])
+        padded = [padded_length(n, self.cp) for n in lengths]
+        bins = balanced_bins(padded, capacity=self.optim_cfg.micro_batch_tokens,
+                             ranks=ps.get_data_parallel_world_size(),
+                             min_per_rank=self.pp if self.vpp > 1 else 1)[ps.get_data_parallel_rank()]
+        # The interleaved pipeline on gloo needs one activation shape: pad every row to the longest.
+        width = max(sum(padded[i] for i in group) for group in bins) if self.vpp > 1 else None
+        cp_rank = ps.get_context_parallel_rank()
+        return [build_packed(group, lengths, tokens, *per_token, cp=self.cp, cp_rank=cp_rank, width=width)
+                for group in bins]
+
     def _micro_batches(self, tokens: torch.Tensor, length_mask: torch.Tensor | None,
                        *per_token: torch.Tensor | None) -> list[MicroBatch]:
         """Fixed or token-budget micro-batches (see batching.py); `length_mask` decides row lengths."""
@@ -182,25 +219,41 @@ class MegatronActor:
     # --- forward/backward through megatron's schedule -------------------------------------------
     def _forward_step(self, data_iterator: Iterator[MicroBatch], model: Any, *, train: bool) -> Any:
         mb = next(data_iterator)
+        if isinstance(mb, PackedMicroBatch):
+            logits = model(mb.tokens, mb.positions, attention_mask=None, packed_seq_params=mb.packed_seq_params())
+            return logits, partial(self._loss, mb, train)
         positions = torch.arange(mb.tokens.shape[1], device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
         logits = model(mb.tokens, positions, attention_mask=None)
         return logits, partial(self._loss, mb, train)
 
-    def _loss(self, mb: MicroBatch, train: bool, logits: torch.Tensor) -> tuple[Any, ...]:
+    def _loss(self, mb: MicroBatch | PackedMicroBatch, train: bool, logits: torch.Tensor) -> tuple[Any, ...]:
         """Returns (numerator, denominator, stats): megatron sums both over micro-batches and ranks
         and divides the gradients by the global denominator (see algorithms/aggregation.py)."""
-        logp = token_logprobs(logits, mb.tokens, temperature=self.temperature)
+        packed, cfg = isinstance(mb, PackedMicroBatch), self.algorithm_cfg
+        entropy = None
+        if train and cfg.entropy_coef:  # before the cross entropy, which may modify `logits` in place
+            entropy = token_entropy(logits, temperature=self.temperature, shift=not packed)
+        if packed:
+            logp = position_logprobs(logits, mb.labels, temperature=self.temperature)
+        else:
+            logp = token_logprobs(logits, mb.tokens, temperature=self.temperature)
         if not train:
             return logp.sum() * 0, mb.mask.sum().to(torch.int), {"logprobs": logp.detach()}
-        cfg = self.algorithm_cfg
         per_token, stats = ppo_clip_token_loss(logp, mb.old_logprobs, mb.advantages, mb.mask,
                                                clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_c=cfg.clip_c)
         kl = kl_penalty(logp, mb.ref_logprobs, mb.mask, cfg.kl_kind) if mb.ref_logprobs is not None else None
-        entropy = token_entropy(logits, temperature=self.temperature) if cfg.entropy_coef else None
         objective = policy_objective(per_token, kl=kl, kl_coef=cfg.kl_coef, entropy=entropy,
                                      entropy_coef=cfg.entropy_coef)
-        numerator, denominator = aggregate_loss(objective, mb.mask, aggregation=cfg.loss_aggregation,
-                                                horizon=self.horizon)
+        if packed:
+            numerator, denominator = aggregate_segments(
+                objective, mb.mask, mb.segment, segment_tokens=mb.segment_tokens,
+                segment_counted=mb.segment_counted, aggregation=cfg.loss_aggregation, horizon=self.horizon)
+        else:
+            numerator, denominator = aggregate_loss(objective, mb.mask, aggregation=cfg.loss_aggregation,
+                                                    horizon=self.horizon)
+        device = mb.tokens.device  # the stats are stacked with the loss's own, on its device
+        stats["computed_tokens"] = torch.tensor(float(mb.tokens.numel()), device=device)
+        stats["real_tokens"] = torch.tensor(float(_real_tokens(mb)), device=device)
         if kl is not None:
             stats["kl_sum"] = kl.detach().sum()
         if entropy is not None:
@@ -227,14 +280,16 @@ class MegatronActor:
 
         `mask` (optional, [N, S-1]) lets dynamic batching trim rows after their last masked token; the
         log-probs past it are then 0."""
+        chunks = self.reference if reference else self.chunks
+        for chunk in chunks:
+            chunk.eval()
+        if self.optim_cfg.pack_sequences:
+            return self._packed_logprobs(tokens, mask, chunks)
         ps = _ps()
         rows = self._local_rows(tokens.shape[0])
         local_mask = mask[rows] if mask is not None else None
         zeros = torch.zeros(rows.stop - rows.start, tokens.shape[1] - 1, device=tokens.device)
         mbs = self._micro_batches(tokens[rows], local_mask, zeros, zeros, zeros)
-        chunks = self.reference if reference else self.chunks
-        for chunk in chunks:
-            chunk.eval()
         with cpu_megatron():
             out = self._run_schedule(mbs, train=False, model=chunks)
         local = scatter_rows([(mb.rows, o["logprobs"]) for mb, o in zip(mbs, out)], zeros)
@@ -246,6 +301,34 @@ class MegatronActor:
         parts = [torch.empty_like(local) for _ in range(ps.get_data_parallel_world_size())]
         dist.all_gather(parts, local, group=ps.get_data_parallel_group())
         return torch.cat(parts, dim=0)
+
+    def _packed_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor | None, chunks: list[Any]) -> torch.Tensor:
+        """`compute_logprobs` over packed micro-batches: each (row, column) is computed on exactly one
+        data/context-parallel rank, so the last stage's scatter summed over those ranks is the result."""
+        ps = _ps()
+        full = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, device=tokens.device)
+        mbs = self._packed_micro_batches(tokens, mask, mask if mask is not None else full)
+        with cpu_megatron():
+            out = self._run_schedule(mbs, train=False, model=chunks)
+        if ps.is_pipeline_last_stage():
+            scatter_packed([(mb, o["logprobs"]) for mb, o in zip(mbs, out)], full)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(full, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        if ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
+            dist.all_reduce(full, group=ps.get_data_parallel_group(with_context_parallel=True))
+        return full
+
+    def _train_micro_batches(self, rows: slice, tokens: torch.Tensor, mask: torch.Tensor, *per_token: Any) -> list[Any]:
+        """This rank's micro-batches of mini-batch `rows`: packed from all its rows, or padded from this
+        data-parallel rank's share."""
+        if self.optim_cfg.pack_sequences:
+            return self._packed_micro_batches(tokens[rows], mask[rows], mask[rows],
+                                              *(t[rows] if t is not None else None for t in per_token))
+        local = self._local_rows(rows.stop - rows.start)
+        mine = slice(rows.start + local.start, rows.start + local.stop)
+        return self._micro_batches(tokens[mine], mask[mine], mask[mine],
+                                   *(t[mine] if t is not None else None for t in per_token))
 
     def train_step(self, tokens: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor,
                    token_advantages: torch.Tensor) -> dict[str, float]:
@@ -259,29 +342,29 @@ class MegatronActor:
         for chunk in self.chunks:
             chunk.train()
         for start in range(0, tokens.shape[0], size):
-            end = min(start + size, tokens.shape[0])
-            local = self._local_rows(end - start)
-            rows = slice(start + local.start, start + local.stop)
-            mbs = self._micro_batches(tokens[rows], mask[rows], mask[rows], old_logprobs[rows], token_advantages[rows],
-                                      ref[rows] if ref is not None else None)
+            rows = slice(start, min(start + size, tokens.shape[0]))
+            mbs = self._train_micro_batches(rows, tokens, mask, old_logprobs, token_advantages, ref)
             for key, value in self._optimizer_step(mbs).items():
                 stats[key] = stats.get(key, 0.0) + value
         updates = math.ceil(tokens.shape[0] / size)
         if self.optim_cfg.lr_schedule_unit == "rl_step":
             self.scheduler.step(increment=1)
         self.version += 1
+        # Share of the computed positions (all micro-batches, ranks and updates) that were padding.
+        computed, real = stats.pop("computed_tokens"), stats.pop("real_tokens")
+        stats["actor/padding_fraction"] = 1.0 - real / max(computed, 1.0)
         return {k: (v / updates if k in ("loss", "grad_norm", "lr") else v) for k, v in stats.items()}
 
     def _global_sums(self, out: list[dict[str, Any]]) -> dict[str, float]:
-        """Loss statistics summed over micro-batches (last stage) and data-parallel ranks, then
-        broadcast over the pipeline group, so every rank returns the same numbers."""
+        """Loss statistics summed over micro-batches (last stage) and data- and context-parallel ranks,
+        then broadcast over the pipeline group, so every rank returns the same numbers."""
         ps = _ps()
         sums: dict[str, float] | None = None
         if ps.is_pipeline_last_stage():
             keys = sorted(out[0])
             values = torch.stack([sum(o[k].detach().float() for o in out) for k in keys])
-            if ps.get_data_parallel_world_size() > 1:
-                dist.all_reduce(values, group=ps.get_data_parallel_group())
+            if ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
+                dist.all_reduce(values, group=ps.get_data_parallel_group(with_context_parallel=True))
             sums = dict(zip(keys, values.tolist()))
         if ps.get_pipeline_model_parallel_world_size() > 1:
             box = [sums]

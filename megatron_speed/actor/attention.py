@@ -15,8 +15,14 @@ broadcastable to [b, np, sq, sk]; when it is None and the layer is causal, SDPA'
 used. One deliberate difference: a query row whose keys are ALL masked gives NaN here, where
 megatron's fill value of -10000 gives a uniform average; causal masks never produce such rows.
 
-Deliberately left out (rejected at construction or call, not silently ignored): packed sequences
-(THD), additive attention bias, sliding windows, softmax offsets, context parallelism.
+Packed sequences (THD, megatron's `PackedSeqParams` with qkv_format "thd"): query [t, np, hn],
+key/value [t, ng, hn] of one packed row -> context [t, np * hn]; attention never crosses sequences
+and, with context parallelism (CP > 1, which needs packing), keys and values are gathered over the
+CP group first. Mask rule, CP split and kernels (dense mask on CPU, FlexAttention on CUDA):
+`packed_attention.py`.
+
+Deliberately left out (rejected at construction or call, not silently ignored): additive attention
+bias, sliding windows, softmax offsets, context parallelism without packed sequences.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
+from megatron_speed.actor.packed_attention import gather_sequence, gathered_layout, masked_attention, packed_layout
+
 
 class SDPAttention(MegatronModule):
     """Megatron `DotProductAttention` semantics on `F.scaled_dot_product_attention`."""
@@ -41,15 +49,16 @@ class SDPAttention(MegatronModule):
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection: Any = None) -> None:
         super().__init__(config=config)
-        unsupported = {"context_parallel_size": config.context_parallel_size != 1,
-                       "window_size": config.window_size is not None,
+        unsupported = {"window_size": config.window_size is not None,
                        "softmax_type": config.softmax_type != "vanilla"}
         if any(unsupported.values()):
             raise ValueError(f"SDPAttention does not support {[k for k, v in unsupported.items() if v]}; "
                              "use model.attention_backend='te' or 'local'")
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         tp = pg_collection.tp.size()
+        self.cp_group = getattr(pg_collection, "cp", None)
+        self.cp = self.cp_group.size() if self.cp_group is not None else 1
         self.attn_mask_type = attn_mask_type
         self.num_heads = divide(config.num_attention_heads, tp)
         self.num_groups = divide(config.num_query_groups, tp)
@@ -60,9 +69,13 @@ class SDPAttention(MegatronModule):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: Any = None,
                 attention_bias: torch.Tensor | None = None, packed_seq_params: Any = None) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention supports neither packed sequences nor attention_bias; "
-                             "use model.attention_backend='te'")
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not support attention_bias; use model.attention_backend='te'")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
+        if self.cp > 1:
+            raise ValueError("SDPAttention runs context parallelism on packed sequences only "
+                             "(optim.pack_sequences=true)")
         sq, b = query.shape[0], query.shape[1]
         # [s, b, heads, d] -> [b, heads, s, d], the layout SDPA expects.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -76,3 +89,25 @@ class SDPAttention(MegatronModule):
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
 
+
+    def _packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: Any) -> torch.Tensor:
+        """THD: [t, heads, d] tensors of one packed row (this CP rank's chunks) -> [t, np * hn]."""
+        if params.qkv_format != "thd":
+            raise ValueError(f"SDPAttention packs THD only, got qkv_format={params.qkv_format!r}")
+        cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        rank = self.cp_group.rank() if self.cp > 1 else 0
+        q_seq, q_pos = packed_layout(cu, self.cp, rank)
+        if self.cp > 1:
+            key, value = gather_sequence(key, self.cp_group), gather_sequence(value, self.cp_group)
+            k_seq, k_pos = gathered_layout(cu, self.cp)
+        else:
+            k_seq, k_pos = q_seq, q_pos
+        if q_seq.numel() != query.shape[0]:
+            raise ValueError(f"packed row of {query.shape[0]} tokens does not match cu_seqlens {cu.tolist()} "
+                             f"split over {self.cp} context-parallel ranks")
+        q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (query, key, value))  # [1, heads, t, d]
+        dropout = self.dropout if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext():
+            context = masked_attention(q, k, v, (q_seq, q_pos, k_seq, k_pos), scale=self.softmax_scale,
+                                       gqa=self.num_heads != self.num_groups, dropout=dropout)
+        return context[0].permute(1, 0, 2).reshape(query.shape[0], self.num_heads * self.head_dim)

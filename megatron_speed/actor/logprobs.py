@@ -30,8 +30,20 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: f
     return -vocab_parallel_cross_entropy(shifted, targets)
 
 
-def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy [B, S-1] of the next-token distribution from vocab-parallel logits [B, S, V/tp].
+def position_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """logits [B, T, V/tp], labels [B, T] (the token after each position) -> log p(labels) as [B, T].
+
+    The packed layout's variant of `token_logprobs`: labels are already aligned, nothing is shifted.
+    The division always makes a new tensor, so megatron's in-place cross entropy never writes
+    into `logits` (which the entropy term may still read)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return -vocab_parallel_cross_entropy(logits.float() / temperature, labels.contiguous())
+
+
+def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, shift: bool = True) -> torch.Tensor:
+    """Entropy [B, S-1] of the next-token distribution from vocab-parallel logits [B, S, V/tp]
+    (`shift=False`: at every position, [B, S], for position-aligned packed rows).
 
     H = log Z - sum_v p_v * (l_v - m): the max m is reduced without gradient (a constant shift), the
     normaliser and the expectation are summed across the tensor-parallel group with megatron's
@@ -40,7 +52,7 @@ def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Te
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
-    scaled = logits[:, :-1].float() / temperature
+    scaled = (logits[:, :-1] if shift else logits).float() / temperature
     shift = scaled.detach().max(dim=-1, keepdim=True).values
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp > 1:

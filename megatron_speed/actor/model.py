@@ -156,9 +156,10 @@ def layer_spec(backend: str, *, qk_layernorm: bool) -> Any:
 
 def transformer_config_from_hf(hf_config: Any, *, params_dtype: torch.dtype, tp: int = 1, pp: int = 1,
                                recompute: str = "none", vpp: int | None = None, first_stage_layers: int | None = None,
-                               last_stage_layers: int | None = None) -> Any:
+                               last_stage_layers: int | None = None, cp: int = 1) -> Any:
     """The megatron-core TransformerConfig equivalent to an HF decoder config (`vpp`: virtual stages;
-    `first_stage_layers` / `last_stage_layers`: megatron's uneven pipeline split, None = even)."""
+    `first_stage_layers` / `last_stage_layers`: megatron's uneven pipeline split, None = even; `cp`:
+    context-parallel size, which splits sequences, never weights)."""
     from megatron.core.transformer import TransformerConfig
 
     arch = architecture(hf_config)
@@ -194,6 +195,7 @@ def transformer_config_from_hf(hf_config: Any, *, params_dtype: torch.dtype, tp:
         virtual_pipeline_model_parallel_size=vpp,
         num_layers_in_first_pipeline_stage=first_stage_layers,
         num_layers_in_last_pipeline_stage=last_stage_layers,
+        context_parallel_size=cp,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         pipeline_dtype=params_dtype,
@@ -233,7 +235,8 @@ def build_gpt_model(hf_config: Any, *, params_dtype: torch.dtype, tp: int = 1, p
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     config = transformer_config_from_hf(hf_config, params_dtype=params_dtype, tp=tp, pp=pp, recompute=recompute,
                                         vpp=vpp, first_stage_layers=first_stage_layers,
-                                        last_stage_layers=last_stage_layers)
+                                        last_stage_layers=last_stage_layers,
+                                        cp=parallel_state.get_context_parallel_world_size())
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(resolve_attention_backend(attention_backend),

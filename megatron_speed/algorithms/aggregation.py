@@ -101,5 +101,30 @@ def aggregate_loss(per_token_loss: Tensor, mask: Tensor, *, aggregation: str,
     return LOSS_AGGREGATIONS[aggregation](per_token_loss, mask, horizon=horizon)
 
 
-__all__ = ["LOSS_AGGREGATIONS", "aggregate_loss", "seq_mean_token_mean", "seq_mean_token_sum",
+def aggregate_segments(per_token_loss: Tensor, mask: Tensor, segment: Tensor, *, segment_tokens: Tensor,
+                       segment_counted: Tensor, aggregation: str, horizon: int = 1) -> tuple[Tensor, Tensor]:
+    """The same (numerator, denominator) as `aggregate_loss` for sequences packed in one row.
+
+    per_token_loss, mask: [1, T] (or [T]); segment [T]: each position's sequence; segment_tokens [n]:
+    the masked tokens of each WHOLE sequence (which context parallelism may spread over ranks);
+    segment_counted [n]: whether this holder counts the sequence in the denominator (exactly one
+    holder per sequence does). Summed over the holders of every part of every sequence, numerators
+    and denominators equal those of the padded layout, so the step's loss is the same number."""
+    if aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {aggregation!r}; known: {sorted(LOSS_AGGREGATIONS)}")
+    loss, on = _masked(per_token_loss.reshape(1, -1), mask.reshape(1, -1))
+    loss, on = loss[0], on[0]
+    if aggregation == "token-mean":
+        return loss.sum(), _count(on)
+    sequences = _count(segment_counted & (segment_tokens > 0))
+    if aggregation == "seq-mean-token-mean":
+        return (loss / segment_tokens[segment].clamp(min=1).to(loss.dtype)).sum(), sequences
+    if aggregation == "seq-mean-token-sum-norm":
+        if horizon < 1:
+            raise ValueError(f"horizon (the maximum response length) must be >= 1, got {horizon}")
+        return loss.sum() / horizon, sequences
+    return loss.sum(), sequences
+
+
+__all__ = ["LOSS_AGGREGATIONS", "aggregate_loss", "aggregate_segments", "seq_mean_token_mean", "seq_mean_token_sum",
            "seq_mean_token_sum_norm", "token_mean"]

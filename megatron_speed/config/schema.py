@@ -154,6 +154,9 @@ class ParallelConfig(Section):
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     virtual_pipeline_parallel_size: int = 1  # model chunks per pipeline stage (interleaved schedule); 1 = off
+    # Context parallelism: each packed sequence is cut into 2 x CP chunks, chunk i and 2CP-1-i on CP
+    # rank i (megatron's load-balanced split); needs optim.pack_sequences. Weights are not split by CP.
+    context_parallel_size: int = 1
     num_layers_in_first_pipeline_stage: int | None = None  # None = the even split
     num_layers_in_last_pipeline_stage: int | None = None  # None = the even split
 
@@ -162,6 +165,8 @@ class ParallelConfig(Section):
         return self.num_layers_in_first_pipeline_stage is not None or self.num_layers_in_last_pipeline_stage is not None
 
     def check(self) -> None:
+        require(self.context_parallel_size >= 1, "context_parallel_size", self.context_parallel_size,
+                "must be >= 1", "use 1 for no context parallelism")
         require(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size,
                 "must be >= 1", "use 1 for no tensor parallelism")
         require(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", self.pipeline_parallel_size,
@@ -393,11 +398,17 @@ class OptimConfig(Section):
     lr_schedule_unit: Literal["optimizer_step", "rl_step"] = "optimizer_step"
     micro_batch_size: int = 64  # trajectories per forward/backward
     micro_batch_tokens: int = 0  # dynamic batching: rows x padded length per micro-batch; 0 = micro_batch_size rows
+    # Sequence packing: sequences laid end to end in one row of at most micro_batch_tokens tokens per
+    # micro-batch (THD, cu_seqlens), binned to balance tokens over data-parallel ranks (actor/packing.py).
+    pack_sequences: bool = False
     use_distributed_optimizer: bool = False  # megatron's ZeRO-1: optimizer state sharded over data parallelism
 
     def check(self) -> None:
         require(self.micro_batch_tokens >= 0, "micro_batch_tokens", self.micro_batch_tokens, "must be >= 0",
                 "use 0 for fixed micro_batch_size rows, or a token budget such as 8192")
+        require(not self.pack_sequences or self.micro_batch_tokens > 0, "pack_sequences", self.pack_sequences,
+                "needs a token budget per packed row (optim.micro_batch_tokens > 0)",
+                "set optim.micro_batch_tokens, e.g. 16384, or optim.pack_sequences=false")
         require(self.lr > 0, "lr", self.lr, "must be > 0", "use e.g. 1e-6 at scale, 1e-4 on the toy")
         require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]",
                 "set optim.min_lr <= optim.lr")
@@ -494,6 +505,19 @@ class Config(Section):
         per_step = 1 if self.optim.lr_schedule_unit == "rl_step" else self.updates_per_step
         return self.run.steps * per_step
 
+    def _check_packing(self) -> None:
+        """What packing and context parallelism need from the other sections."""
+        cp, optim = self.parallel.context_parallel_size, self.optim
+        require(cp == 1 or optim.pack_sequences, "parallel.context_parallel_size", cp,
+                "needs packed sequences (the CP split is per packed sequence)",
+                "set optim.pack_sequences=true with an optim.micro_batch_tokens budget, or context_parallel_size=1")
+        require(cp == 1 or optim.micro_batch_tokens % (2 * cp) == 0, "optim.micro_batch_tokens",
+                optim.micro_batch_tokens, f"must be a multiple of 2 x parallel.context_parallel_size (= {2 * cp}): "
+                "each packed sequence is padded to 2 x CP chunks", f"use a multiple of {2 * cp}")
+        require(not optim.pack_sequences or self.model.attention_backend != "local", "model.attention_backend",
+                self.model.attention_backend, "'local' (megatron's DotProductAttention) cannot attend over packed "
+                "sequences", "use 'sdpa', 'te' or 'auto'")
+
     def check(self) -> None:
         cur = self.curriculum
         # Mini-batches are counted in trajectories, so SPEED (n_init + n_continue per prompt) and a
@@ -514,6 +538,7 @@ class Config(Section):
                 "algorithm.overlong_buffer_length", self.algorithm.overlong_buffer_length,
                 f"must be <= rollout.max_new_tokens ({self.rollout.max_new_tokens})",
                 "shorten the buffer or allow longer responses")
+        self._check_packing()
         require(self.model.hf_path != "toy" or self.data.toy is not None, "model.hf_path",
                 self.model.hf_path, "is the toy model but data.toy is not set",
                 "use the toy_cpu recipe or point model.hf_path at an HF folder")

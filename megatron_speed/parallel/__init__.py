@@ -30,6 +30,7 @@ class ParallelDims:
     dp: int
     backend: str
     vpp: int = 1  # virtual pipeline chunks per stage
+    cp: int = 1  # context-parallel ranks (one sequence's chunks); data parallelism is world / (tp x pp x cp)
 
     @property
     def is_main(self) -> bool:
@@ -60,34 +61,37 @@ def init_parallel(cfg: ParallelConfig, *, seed: int) -> ParallelDims:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, rank=rank, world_size=world)
     world = dist.get_world_size()
-    model_parallel = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    model_parallel = cfg.tensor_parallel_size * cfg.pipeline_parallel_size * cfg.context_parallel_size
     if world % model_parallel:
         raise ConfigError("parallel.tensor_parallel_size", cfg.tensor_parallel_size,
-                          f"x pipeline_parallel_size ({cfg.pipeline_parallel_size}) must divide the "
-                          f"world size ({world})", "change the parallel sizes or the number of processes")
+                          f"x pipeline_parallel_size ({cfg.pipeline_parallel_size}) x context_parallel_size "
+                          f"({cfg.context_parallel_size}) must divide the world size ({world})",
+                          "change the parallel sizes or the number of processes")
     with cpu_megatron():
         if parallel_state.model_parallel_is_initialized() and _layout() != _wanted(cfg):
             parallel_state.destroy_model_parallel()  # a different layout in the same world: rebuild the groups
         if not parallel_state.model_parallel_is_initialized():
             vpp = cfg.virtual_pipeline_parallel_size
             parallel_state.initialize_model_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size,
-                                                     virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
+                                                     virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+                                                     context_parallel_size=cfg.context_parallel_size)
         model_parallel_cuda_manual_seed(seed)
     return ParallelDims(world_size=world, rank=dist.get_rank(),
                         local_rank=int(os.environ.get("LOCAL_RANK", 0)), tp=cfg.tensor_parallel_size,
                         pp=cfg.pipeline_parallel_size, dp=world // model_parallel, backend=backend,
-                        vpp=cfg.virtual_pipeline_parallel_size)
+                        vpp=cfg.virtual_pipeline_parallel_size, cp=cfg.context_parallel_size)
 
 
-def _layout() -> tuple[int, int, int]:
+def _layout() -> tuple[int, int, int, int]:
     from megatron.core import parallel_state as ps
 
     return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-            ps.get_virtual_pipeline_model_parallel_world_size() or 1)
+            ps.get_virtual_pipeline_model_parallel_world_size() or 1, ps.get_context_parallel_world_size())
 
 
-def _wanted(cfg: ParallelConfig) -> tuple[int, int, int]:
-    return cfg.tensor_parallel_size, cfg.pipeline_parallel_size, cfg.virtual_pipeline_parallel_size
+def _wanted(cfg: ParallelConfig) -> tuple[int, int, int, int]:
+    return (cfg.tensor_parallel_size, cfg.pipeline_parallel_size, cfg.virtual_pipeline_parallel_size,
+            cfg.context_parallel_size)
 
 
 def destroy_parallel() -> None:
