@@ -51,6 +51,7 @@ from megatron_speed.algorithms import aggregate_loss, kl_penalty, policy_objecti
 from megatron_speed.algorithms.aggregation import aggregate_segments
 from megatron_speed.bridge import mapping_for
 from megatron_speed.bridge.weights import export_hf_weights, load_hf_weights
+from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig, ParallelConfig
 
 _split = split_rows  # kept for callers of the fixed-size split (tests, workers)

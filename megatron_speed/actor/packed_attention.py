@@ -14,7 +14,8 @@ hands each rank its own slice), and the mask is built from the gathered position
 offsets between chunks come out right by construction.
 
 Kernels (`masked_attention`): on CPU SDPA once per sequence with that sequence's causal block of
-the mask (the block-diagonal mask without computing its empty blocks); on CUDA PyTorch's FlexAttention (`torch.nn.attention.flex_attention` with a block mask built
+the mask (the block-diagonal mask without computing its empty blocks); on CUDA PyTorch's
+FlexAttention (`torch.nn.attention.flex_attention` with a block mask built
 from the same (sequence, position) rule, compiled by `torch.compile`), which skips fully masked
 blocks, so cross-sequence work and the O(T²) mask are never materialised. Dropout is only supported
 by the dense kernel (the recipes train with attention dropout 0).
