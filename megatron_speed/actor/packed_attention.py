@@ -13,12 +13,12 @@ over the CP group (`gather_sequence`, whose backward sums the key/value gradient
 hands each rank its own slice), and the mask is built from the gathered positions, so the causal
 offsets between chunks come out right by construction.
 
-Kernels (`masked_attention`): on CPU SDPA once per sequence with that sequence's causal block of
-the mask (the block-diagonal mask without computing its empty blocks); on CUDA PyTorch's
-FlexAttention (`torch.nn.attention.flex_attention` with a block mask built
+Kernels (`masked_attention`): on CPU SDPA per sequence with that sequence's causal block of the
+mask (the block-diagonal mask without its empty blocks; sequences of one length share one batched
+call); on CUDA PyTorch's FlexAttention (`torch.nn.attention.flex_attention` with a block mask built
 from the same (sequence, position) rule, compiled by `torch.compile`), which skips fully masked
-blocks, so cross-sequence work and the O(T²) mask are never materialised. Dropout is only supported
-by the dense kernel (the recipes train with attention dropout 0).
+blocks, so cross-sequence work and the O(T²) mask are never materialised. FlexAttention has no
+dropout: with attention dropout the CPU kernel runs (the recipes train with attention dropout 0).
 
 Deliberately left out: ring exchange of K/V (the all-gather holds the whole row's K/V on every CP
 rank, which is what CP without TE needs to be exact; TE's ring attention is the scalable path) and
@@ -115,24 +115,39 @@ def _compiled_flex() -> Any:
     return _COMPILED[0]
 
 
+def _pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[1, h, T, d] at positions `index` [g, n] -> [g, h, n, d]."""
+    return t[0][:, index].transpose(0, 1)
+
+
 def _by_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple[torch.Tensor, ...], *,
                  scale: float, gqa: bool, dropout: float) -> torch.Tensor:
-    """SDPA once per sequence over its own keys: the block-diagonal mask without its zero blocks,
-    O(sum of L_i^2 / CP) work instead of O(T^2). A rank's queries of one sequence are contiguous."""
+    """SDPA per sequence over its own keys: the block-diagonal mask without its zero blocks,
+    O(sum of L_i^2 / CP) work instead of O(T^2). A rank's queries of one sequence are contiguous, and
+    sequences of one length share their mask (positions depend on the length only), so each distinct
+    length is one batched SDPA call."""
     q_seq, q_pos, k_seq, k_pos = layout
     order = torch.argsort(k_seq, stable=True)
     k_counts = torch.bincount(k_seq, minlength=int(q_seq.max()) + 1).tolist()
     q_counts = torch.bincount(q_seq, minlength=len(k_counts)).tolist()
-    outs, q_start, k_start = [], 0, 0
+    groups: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    q_start, k_start = 0, 0
     for nq, nk in zip(q_counts, k_counts):
         if nq:
-            keys = order[k_start:k_start + nk]
-            qs = slice(q_start, q_start + nq)
-            mask = k_pos[keys][None, :] <= q_pos[qs][:, None]
-            outs.append(F.scaled_dot_product_attention(q[:, :, qs], k[:, :, keys], v[:, :, keys], attn_mask=mask,
-                                                       dropout_p=dropout, scale=scale, enable_gqa=gqa))
+            members = groups.setdefault((nq, nk), ([], []))
+            members[0].append(torch.arange(q_start, q_start + nq, device=q.device))
+            members[1].append(order[k_start:k_start + nk])
         q_start, k_start = q_start + nq, k_start + nk
-    return torch.cat(outs, dim=2)
+    outs, placed = [], []
+    for q_rows, k_rows in groups.values():
+        qi, ki = torch.stack(q_rows), torch.stack(k_rows)  # [g, nq], [g, nk]
+        mask = k_pos[ki[0]][None, :] <= q_pos[qi[0]][:, None]
+        out = F.scaled_dot_product_attention(_pick(q, qi), _pick(k, ki), _pick(v, ki), attn_mask=mask,
+                                             dropout_p=dropout, scale=scale, enable_gqa=gqa)
+        outs.append(out.transpose(0, 1).reshape(q.shape[1], -1, q.shape[3]))  # [h, g * nq, d]
+        placed.append(qi.reshape(-1))
+    inverse = torch.argsort(torch.cat(placed))
+    return torch.cat(outs, dim=1)[:, inverse].unsqueeze(0)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple[torch.Tensor, ...], *,
