@@ -67,8 +67,18 @@ class _InertStream:
     def synchronize(self) -> None:
         pass
 
-    def record_event(self, event: Any = None) -> None:
-        return None
+    def record_event(self, event: Any = None) -> _InertEvent:
+        return _InertEvent()
+
+
+class _InertEvent:
+    """Stands in for `torch.cuda.Event` (the MoE all-to-all dispatcher waits on one)."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
 
 
 def _set_cpu_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
