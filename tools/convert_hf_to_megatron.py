@@ -29,9 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="new directory for the megatron checkpoint")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to write")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size to write (MoE models)")
     args = parser.parse_args(argv)
     return run_in_layout("convert_hf_to_megatron", args.tp, args.pp,
-                         lambda: hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp))
+                         lambda: hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep),
+                         ep=args.ep)
 
 
 if __name__ == "__main__":

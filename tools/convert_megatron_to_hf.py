@@ -30,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="HF folder to write (replaced atomically)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load at")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to load at")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size to load at (MoE models)")
     args = parser.parse_args(argv)
     return run_in_layout("convert_megatron_to_hf", args.tp, args.pp,
-                         lambda: megatron_to_hf(args.ckpt, args.out, tp=args.tp, pp=args.pp))
+                         lambda: megatron_to_hf(args.ckpt, args.out, tp=args.tp, pp=args.pp, ep=args.ep),
+                         ep=args.ep)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.actor.logprobs import token_entropy, token_logprobs
 from megatron_speed.actor.model import build_gpt_model
 from megatron_speed.actor.optimizer import build_optimizer
+from megatron_speed.actor.router_metrics import RouterMetrics
 from megatron_speed.algorithms import aggregate_loss, kl_penalty, policy_objective, ppo_clip_token_loss
 from megatron_speed.bridge import mapping_for
-from megatron_speed.bridge.weights import export_hf_weights, load_hf_weights
+from megatron_speed.bridge.weights import bare_chunks, export_hf_weights, load_hf_weights
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig
 
@@ -99,12 +100,17 @@ class MegatronActor:
                 for chunk in self.reference:
                     chunk.config.finalize_model_grads_func = None
                     chunk.requires_grad_(False)
+        # MoE: per-layer expert load, dropped tokens and the aux loss of each train step (router_metrics.py).
+        self.router_metrics = (RouterMetrics(bare_chunks(self.chunks), capacity=model_cfg.moe_capacity_factor > 0)
+                               if getattr(self.module.config, "num_moe_experts", None) else None)
         self.version = 0
 
     def _build_chunks(self) -> list[torch.nn.Module]:
         """This stage's model chunk(s) (VPP: one per virtual stage), loaded from the HF checkpoint."""
         kwargs = dict(params_dtype=self.dtype, tp=self.tp, pp=self.pp,
-                      attention_backend=self.model_cfg.attention_backend, recompute=self.model_cfg.recompute)
+                      attention_backend=self.model_cfg.attention_backend, recompute=self.model_cfg.recompute,
+                      moe_aux_loss_coef=self.model_cfg.moe_aux_loss_coef,
+                      moe_capacity_factor=self.model_cfg.moe_capacity_factor)
         if self.vpp == 1:
             chunks = [build_gpt_model(self.hf_config, **kwargs)]
         else:
@@ -262,7 +268,8 @@ class MegatronActor:
         if self.optim_cfg.lr_schedule_unit == "rl_step":
             self.scheduler.step(increment=1)
         self.version += 1
-        return {k: (v / updates if k in ("loss", "grad_norm", "lr") else v) for k, v in stats.items()}
+        routing = self.router_metrics.collect() if self.router_metrics is not None else {}
+        return {**{k: (v / updates if k in ("loss", "grad_norm", "lr") else v) for k, v in stats.items()}, **routing}
 
     def _global_sums(self, out: list[dict[str, Any]]) -> dict[str, float]:
         """Loss statistics summed over micro-batches (last stage) and data-parallel ranks, then

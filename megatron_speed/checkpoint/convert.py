@@ -9,8 +9,10 @@ tensors and lets rank 0 write an HF folder. Trainer checkpoints have the same la
 model part converts too (the optimizer and trainer state are simply not read).
 
 Both are collective: every rank of a `tensor_parallel_size x pipeline_parallel_size` world calls
-them (the CLI initialises that world). Deliberately left out: data-parallel replicas (a converter
-needs one copy of the model), vocabulary padding, MoE.
+them (the CLI initialises that world). MoE models may also split their experts over `ep` ranks
+(the dense layers are then copied on each; dist-checkpointing stores one copy, and stores experts by
+global index, so any EP layout loads any other). Deliberately left out: other data-parallel
+replicas (a converter needs one copy of the model), vocabulary padding.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_speed.actor.cpu_support import cpu_megatron
+from megatron_speed.config.base import ConfigError
 from megatron_speed.checkpoint.hf import save_hf_folder
 from megatron_speed.checkpoint.layout import (
     copy_hf_files,
@@ -45,11 +48,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def check_layout(hf_config: Any, tp: int, pp: int) -> None:
+def check_layout(hf_config: Any, tp: int, pp: int, ep: int = 1) -> None:
     """Refuse, with the numbers, a layout megatron would fail on deep inside model construction."""
     from megatron_speed.actor.model import architecture
+    from megatron_speed.actor.moe import check_expert_parallel
 
     architecture(hf_config)  # ValueError naming the model_type / unsupported feature
+    try:
+        check_expert_parallel(hf_config, ep=ep, etp=tp, tp=tp)
+    except ConfigError as err:
+        raise ValueError(f"--ep {ep}: {err.rule}; {err.fix}") from None
     sizes = {"num_attention_heads": hf_config.num_attention_heads,
              "num_key_value_heads": getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
              "vocab_size": hf_config.vocab_size, "intermediate_size": hf_config.intermediate_size}
@@ -67,19 +75,19 @@ def _dtype(hf_config: Any) -> torch.dtype:
     return DTYPES.get(name.removeprefix("torch."), torch.float32)
 
 
-def _build(hf_config: Any, tp: int, pp: int) -> tuple[Any, Any]:
+def _build(hf_config: Any, tp: int, pp: int, ep: int) -> tuple[Any, Any]:
     from megatron_speed.actor.model import build_gpt_model
     from megatron_speed.bridge import mapping_for
 
-    check_layout(hf_config, tp, pp)
+    check_layout(hf_config, tp, pp, ep)
     mapping = mapping_for(hf_config)
     with cpu_megatron():
         model = build_gpt_model(hf_config, params_dtype=_dtype(hf_config), tp=tp, pp=pp)
     return model, mapping
 
 
-def hf_to_megatron(hf_dir: Path, out: Path, *, tp: int, pp: int) -> Path:
-    """Write `hf_dir` as a model-only megatron checkpoint at layout (tp, pp) into `out` (collective)."""
+def hf_to_megatron(hf_dir: Path, out: Path, *, tp: int, pp: int, ep: int = 1) -> Path:
+    """Write `hf_dir` as a model-only megatron checkpoint at layout (tp, pp, ep) into `out` (collective)."""
     from transformers import AutoConfig
 
     from megatron_speed.bridge.weights import load_hf_weights
@@ -87,7 +95,7 @@ def hf_to_megatron(hf_dir: Path, out: Path, *, tp: int, pp: int) -> Path:
     hf_dir, out = Path(hf_dir), Path(out)
     if _rank() == 0 and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: choose a new --out directory")
-    model, mapping = _build(AutoConfig.from_pretrained(hf_dir), tp, pp)
+    model, mapping = _build(AutoConfig.from_pretrained(hf_dir), tp, pp, ep)
     load_hf_weights(model, mapping, hf_dir)
     if _rank() == 0:
         (out / "megatron").mkdir(parents=True)
@@ -95,7 +103,8 @@ def hf_to_megatron(hf_dir: Path, out: Path, *, tp: int, pp: int) -> Path:
     save_megatron(out / "megatron", model)
     if _rank() == 0:
         copy_hf_files(hf_dir, out / "hf")
-        write_meta(out, step=0, contents=["model"], tp=tp, pp=pp, world_size=tp * pp, source=str(hf_dir))
+        write_meta(out, step=0, contents=["model"], tp=tp, pp=pp, ep=ep, world_size=tp * pp * ep,
+                   source=str(hf_dir))
         mark_complete(out)
     _barrier()
     return out
@@ -116,8 +125,9 @@ def resolve_checkpoint(path: Path) -> Path:
                             "or a checkpoints folder holding step_XXXXXX directories)")
 
 
-def megatron_to_hf(ckpt: Path, out: Path, *, tp: int = 1, pp: int = 1) -> Path:
-    """Load checkpoint `ckpt` at layout (tp, pp) and write an HF folder to `out` (collective; rank 0 writes)."""
+def megatron_to_hf(ckpt: Path, out: Path, *, tp: int = 1, pp: int = 1, ep: int = 1) -> Path:
+    """Load checkpoint `ckpt` at layout (tp, pp, ep) and write an HF folder to `out` (collective; rank 0
+    writes)."""
     from transformers import AutoConfig
 
     from megatron_speed.bridge.weights import export_hf_weights
@@ -125,7 +135,7 @@ def megatron_to_hf(ckpt: Path, out: Path, *, tp: int = 1, pp: int = 1) -> Path:
     ckpt = resolve_checkpoint(ckpt)
     read_meta(ckpt)
     hf_files = ckpt / "hf"
-    model, mapping = _build(AutoConfig.from_pretrained(hf_files), tp, pp)
+    model, mapping = _build(AutoConfig.from_pretrained(hf_files), tp, pp, ep)
     load_megatron(ckpt / "megatron", model)
     tensors = list(export_hf_weights(model, mapping))  # every rank iterates: TP gathers, PP broadcasts
     if _rank() == 0:
