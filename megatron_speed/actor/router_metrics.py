@@ -40,6 +40,10 @@ class RouterMetrics:
         self.calls = torch.zeros(self.num_layers, dtype=torch.float64)
         self.routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
         self.handles = [r.register_forward_hook(self._record) for r in self.routers]
+        # megatron's tracker is process-global and sized by the first model that used it: start afresh.
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().pop(AUX_LOSS, None)
 
     def _record(self, router: Any, inputs: Any, output: tuple[torch.Tensor, torch.Tensor]) -> None:
         if not (router.training and torch.is_grad_enabled()):

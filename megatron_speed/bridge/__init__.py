@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_speed.bridge import llama, qwen2, qwen3, qwen3_moe
-from megatron_speed.bridge.qwen3_moe import refuse_unsupported_moe
 from megatron_speed.bridge.mapping import FamilyMapping, HeadLayout, Rule, merge_qkv, split_qkv
+from megatron_speed.bridge.qwen3_moe import refuse_unsupported_moe
 
 # model_type -> rules (qwen2 and qwen3 extend llama's, which include the TransformerEngine norm names).
 FAMILIES: dict[str, tuple[Rule, ...]] = {

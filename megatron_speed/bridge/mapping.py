@@ -2,9 +2,9 @@
 
 A family (qwen2, llama, qwen3 ...) is a list of `Rule`s: a Megatron name template, the HF name
 template(s) it corresponds to, and how the tensors combine (`copy`, `qkv`, `gate_up`). `{i}` stands
-for the layer index and `{e}` for the (global) expert index of an MoE layer. Splitting and merging are explicit functions below; nothing is inferred from
-shapes. The mapping works on full (unsharded) tensors; gathering tensor-parallel shards is the
-caller's job.
+for the layer index and `{e}` for the (global) expert index of an MoE layer. Splitting and merging
+are explicit functions below; nothing is inferred from shapes. The mapping works on full
+(unsharded) tensors; gathering tensor-parallel and expert-parallel shards is the caller's job.
 """
 
 from __future__ import annotations

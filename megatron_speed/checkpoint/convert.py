@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_speed.actor.cpu_support import cpu_megatron
-from megatron_speed.config.base import ConfigError
 from megatron_speed.checkpoint.hf import save_hf_folder
 from megatron_speed.checkpoint.layout import (
     copy_hf_files,
@@ -35,6 +34,7 @@ from megatron_speed.checkpoint.layout import (
     write_meta,
 )
 from megatron_speed.checkpoint.megatron import load_megatron, save_megatron
+from megatron_speed.config.base import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
