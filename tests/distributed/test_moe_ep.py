@@ -12,20 +12,37 @@ The model is a 4-layer tiny Qwen3-MoE (4 experts, top-2, layer 1 dense). Ports 2
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.distributed.test_convert_reshard import _torchrun
-from tests.distributed.test_tp_pp import _assert_close_weights, _launch
+from tests.distributed.test_tp_pp import _assert_close_weights
 from tests.distributed.tp_pp_worker import run
 from tests.tiny_models import tiny_hf_model
 from tests.unit.test_converters import assert_same_weights
 from tools.convert_megatron_to_hf import main as megatron_to_hf
 
 pytestmark = pytest.mark.distributed
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 900  # a 2-rank MoE step is ~1.5 min on 2 idle cores; shared machines are slower
+
+
+def _torchrun(port: int, script: str, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                    str(port), str(ROOT / script), *args], check=True, env=env, cwd=ROOT, timeout=TIMEOUT,
+                   stdout=subprocess.DEVNULL)
+
+
+def _launch(hf_dir: Path, out: Path, layout: dict[str, Any], port: int) -> list[dict[str, Any]]:
+    _torchrun(port, "tests/distributed/tp_pp_worker.py", str(hf_dir), str(out), json.dumps(layout))
+    return [torch.load(f"{out}.{rank}.pt") for rank in range(2)]
 
 CASES = [  # (layout, master port)
     ({"ep": 2}, 29680),  # 2 experts per rank; dense layers data-parallel
@@ -87,7 +104,7 @@ def test_moe_layout_matches_the_single_rank_actor(model: Path, reference: dict[s
 
 def test_expert_parallel_checkpoint_reshards_to_one_rank(model: Path, tmp_path: Path) -> None:
     """HF -> megatron at EP=2 (each rank writes its 2 experts per layer), then back at EP=1: bit-exact."""
-    _torchrun(29683, "convert_hf_to_megatron.py", "--hf", str(model), "--out", str(tmp_path / "mg"), "--ep", "2")
+    _torchrun(29683, "tools/convert_hf_to_megatron.py", "--hf", str(model), "--out", str(tmp_path / "mg"), "--ep", "2")
     assert megatron_to_hf(["--ckpt", str(tmp_path / "mg"), "--out", str(tmp_path / "back")]) == 0
     assert_same_weights(model, tmp_path / "back")
 
@@ -96,6 +113,6 @@ def test_one_rank_checkpoint_exported_by_two_expert_parallel_ranks(model: Path, 
     from tools.convert_hf_to_megatron import main as hf_to_megatron
 
     assert hf_to_megatron(["--hf", str(model), "--out", str(tmp_path / "mg")]) == 0
-    _torchrun(29684, "convert_megatron_to_hf.py", "--ckpt", str(tmp_path / "mg"), "--out", str(tmp_path / "back"),
+    _torchrun(29684, "tools/convert_megatron_to_hf.py", "--ckpt", str(tmp_path / "mg"), "--out", str(tmp_path / "back"),
               "--ep", "2")
     assert_same_weights(model, tmp_path / "back")
