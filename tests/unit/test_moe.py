@@ -208,3 +208,26 @@ def test_router_metrics_count_routed_and_dropped_tokens(hf_dirs: dict[str, Path]
             assert check(out["moe/dropped_token_frac"])
         assert metrics.collect().get("moe/load_imbalance") is None  # reset after collecting
         metrics.remove()
+
+
+def test_toy_moe_policy_is_a_supported_qwen3_moe(tmp_path: Path) -> None:
+    import dataclasses
+
+    from megatron_speed.actor.model import architecture
+    from megatron_speed.config.schema import ModelConfig, ToyTaskConfig
+    from megatron_speed.toy.model import toy_config
+    from megatron_speed.toy.tokenizer import build_toy_tokenizer
+    from megatron_speed.toy.warmup import cache_key
+
+    tokenizer = build_toy_tokenizer(tmp_path)
+    cfg = toy_config(ModelConfig(toy_family="qwen3_moe"), tokenizer)
+    assert cfg.model_type == "qwen3_moe" and architecture(cfg).qk_layernorm
+    assert cfg.head_dim >= 32 and moe_layer_pattern(cfg) == [1] * cfg.num_hidden_layers
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob) == (4, 2, True)
+    task = ToyTaskConfig()
+    dense = ModelConfig()
+    # The MoE knobs do not move the dense toy's cached warm start; the family does.
+    assert cache_key(dataclasses.replace(dense, toy_experts=8), task) == cache_key(dense, task)
+    assert cache_key(ModelConfig(toy_family="qwen3_moe"), task) != cache_key(dense, task)
+    assert cache_key(ModelConfig(toy_family="qwen3_moe", toy_experts=8), task) != \
+        cache_key(ModelConfig(toy_family="qwen3_moe"), task)
