@@ -40,6 +40,7 @@ from megatron_speed.actor.batching import (
 from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.actor.logprobs import token_entropy, token_logprobs
 from megatron_speed.actor.model import build_gpt_model
+from megatron_speed.actor.moe import check_trainable_layout
 from megatron_speed.actor.optimizer import build_optimizer
 from megatron_speed.actor.router_metrics import RouterMetrics
 from megatron_speed.algorithms import aggregate_loss, kl_penalty, policy_objective, ppo_clip_token_loss
@@ -88,6 +89,7 @@ class MegatronActor:
         self.tp, self.pp = tp, pp
         self.vpp = _ps().get_virtual_pipeline_model_parallel_world_size() or 1
         _check_layout(self.hf_config, pp, self.vpp)
+        check_trainable_layout(self.hf_config, tp)
         self.dtype = torch.bfloat16 if model_cfg.params_dtype == "bfloat16" else torch.float32
         with cpu_megatron():
             self.chunks = self._wrap_ddp(self._build_chunks())

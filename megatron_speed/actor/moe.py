@@ -24,8 +24,11 @@ own in the bridge and megatron deprecates it. Tokens move with the all-to-all di
 serves expert parallelism; gloo runs it on CPU).
 
 Refused with the supported list: MoE families other than Qwen3-MoE (Qwen2-MoE's shared experts,
-DeepSeek's grouped/sigmoid routing with expert bias, Mixtral, ...), expert parallelism together with
-tensor parallelism (megatron then needs sequence parallelism, which needs TE/apex norms).
+DeepSeek's grouped/sigmoid routing with expert bias, Mixtral, ...). Refused with the reason: TRAINING
+an MoE model with tensor parallelism (megatron's MoE layer raises unless sequence parallelism is on,
+and sequence parallelism needs TE/apex norms, which this actor does not use); experts are split with
+`parallel.expert_parallel_size` and `parallel.expert_tensor_parallel_size` instead, which work with
+TP=1. The converters, which do not train, build MoE models at any TP.
 """
 
 from __future__ import annotations
@@ -85,7 +88,16 @@ def check_expert_parallel(hf_config: Any, *, ep: int, etp: int, tp: int) -> None
     if ep > 1 and tp > 1:
         raise ConfigError("parallel.expert_parallel_size", ep, f"with tensor_parallel_size={tp} needs "
                           "megatron's sequence parallelism, which this actor does not enable",
-                          "use expert parallelism with tensor_parallel_size=1 (or EP=1 and expert TP = TP)")
+                          "use expert parallelism with tensor_parallel_size=1")
+
+
+def check_trainable_layout(hf_config: Any, tp: int) -> None:
+    """megatron's MoE layer refuses to train under TP > 1 without sequence parallelism (see above)."""
+    if is_moe(hf_config) and tp > 1:
+        raise ConfigError("parallel.tensor_parallel_size", tp, "must be 1 to train an MoE model: megatron's MoE "
+                          "layer trains under tensor parallelism only with sequence parallelism, which needs "
+                          "TE/apex norms and is not enabled here", "use tensor_parallel_size=1 and split the experts "
+                          "with parallel.expert_parallel_size (and expert_tensor_parallel_size)")
 
 
 def moe_transformer_fields(hf_config: Any, *, ep: int = 1, etp: int | None = None,

@@ -1,5 +1,6 @@
-"""Qwen3-MoE across layouts: expert parallelism (EP=2 over gloo all-to-all), pipeline and expert-tensor
-parallelism behave like the single-rank actor; an EP=2 checkpoint reshards to EP=1.
+"""Qwen3-MoE across layouts: expert parallelism (EP=2 over gloo all-to-all) and pipeline parallelism
+behave like the single-rank actor; an EP=2 checkpoint reshards to EP=1 and back. (Dense tensor
+parallelism cannot train an MoE model without sequence parallelism: refused, see actor/moe.py.)
 
 Each layout runs `tp_pp_worker.py` on 2 gloo ranks and is compared with the one-rank reference
 computed in this process, with the checks of `test_tp_pp.py` (bit-exact HF export before training,
@@ -47,8 +48,9 @@ def _launch(hf_dir: Path, out: Path, layout: dict[str, Any], port: int) -> list[
 CASES = [  # (layout, master port)
     ({"ep": 2}, 29680),  # 2 experts per rank; dense layers data-parallel
     ({"pp": 2}, 29681),  # MoE layers on both stages, the dense layer 1 on the first
-    ({"tp": 2}, 29682),  # experts split over expert TP = TP = 2
 ]
+# Not here: expert TP = 2 (megatron's backward all-gather for it allocates on the CUDA device inside
+# autograd, where the CPU adapter does not reach), and dense TP (refused for MoE training, see above).
 
 
 @pytest.fixture(scope="module")

@@ -184,6 +184,12 @@ def test_expert_parallel_errors_name_the_key() -> None:
         check_expert_parallel(moe, ep=1, etp=3, tp=3)
     assert info.value.key == "parallel.expert_tensor_parallel_size"
     check_expert_parallel(moe, ep=4, etp=1, tp=1)
+    from megatron_speed.actor.moe import check_trainable_layout
+
+    with pytest.raises(ConfigError, match="must be 1 to train an MoE model") as info:
+        check_trainable_layout(moe, 2)
+    assert info.value.key == "parallel.tensor_parallel_size"
+    check_trainable_layout(tiny_hf_config("qwen3"), 2)
 
 
 def test_router_metrics_count_routed_and_dropped_tokens(hf_dirs: dict[str, Path]) -> None:
