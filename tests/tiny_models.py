@@ -8,6 +8,9 @@ here, so this module writes them. Shapes are chosen so every layout we test divi
 * vocabulary 64 (divisible by 4, and a multiple of the toy tokenizer's padding),
 * head_dim 32 (vLLM's CPU attention needs >= 32); qwen3 uses head_dim 64 != hidden / heads, as
   the real Qwen3 models do, so code that derives head_dim from hidden size fails loudly,
+* qwen3_moe: Qwen3's attention with 4 experts of width 64, top-2 routing with renormalised weights
+  (`norm_topk_prob`, as Qwen3-30B-A3B), and layer 1 dense (`mlp_only_layers`) so both MLP kinds and
+  the layer pattern are exercised; a router aux-loss coefficient of 0.01,
 * llama carries Llama-3 RoPE scaling with a small `original_max_position_embeddings` so the
   scaled, smoothed and untouched frequency bands all occur within a few dozen positions.
 
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("qwen2", "llama", "qwen3")
+FAMILIES = ("qwen2", "llama", "qwen3", "qwen3_moe")
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -37,14 +40,17 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": dict(use_sliding_window=False),
     "llama": dict(rope_parameters=LLAMA3_ROPE, attention_bias=False, mlp_bias=False),
     "qwen3": dict(head_dim=64, attention_bias=False, use_sliding_window=False),
+    "qwen3_moe": dict(head_dim=64, attention_bias=False, use_sliding_window=False, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[1], router_aux_loss_coef=0.01),
 }
 
 
 def tiny_hf_config(family: str, *, tie: bool = False, **overrides: Any) -> Any:
     """The HF config of a tiny model of `family`; `overrides` replace any config field."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
-    classes = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config}
+    classes = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config, "qwen3_moe": Qwen3MoeConfig}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; tiny models exist for {', '.join(FAMILIES)}")
     kwargs = {**_COMMON, **_FAMILY_DEFAULTS[family], "tie_word_embeddings": tie, **overrides}
@@ -63,7 +69,7 @@ def _randomise_non_matrix_weights(model: torch.nn.Module, gen: torch.Generator) 
 
 def tiny_hf_model(family: str, path: str | Path, *, tie: bool = False, seed: int = 0, tokenizer: bool = True,
                   **overrides: Any) -> Path:
-    """Write a tiny random float32 HF model of `family` ("qwen2" | "llama" | "qwen3") to `path`.
+    """Write a tiny random float32 HF model of `family` ("qwen2" | "llama" | "qwen3" | "qwen3_moe") to `path`.
 
     `tie` ties the input embedding and the LM head; `overrides` are HF config fields (e.g.
     `num_hidden_layers=4`, `vocab_size=128`). With `tokenizer` the toy task's tokenizer (ids < 20)

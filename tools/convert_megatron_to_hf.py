@@ -35,11 +35,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="layers on the first pipeline stage (uneven split; default: even)")
     parser.add_argument("--last-stage-layers", type=int, default=None,
                         help="layers on the last pipeline stage (uneven split; default: even)")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size to load at (MoE models)")
     args = parser.parse_args(argv)
     return run_in_layout("convert_megatron_to_hf", args.tp, args.pp,
                          lambda: megatron_to_hf(args.ckpt, args.out, tp=args.tp, pp=args.pp,
                                               first_stage_layers=args.first_stage_layers,
-                                              last_stage_layers=args.last_stage_layers))
+                                              last_stage_layers=args.last_stage_layers, ep=args.ep),
+                         ep=args.ep)
 
 
 if __name__ == "__main__":

@@ -45,12 +45,14 @@ from megatron_speed.actor.batching import (
 from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.actor.logprobs import position_logprobs, token_entropy, token_logprobs
 from megatron_speed.actor.model import build_gpt_model
+from megatron_speed.actor.moe import check_trainable_layout
 from megatron_speed.actor.optimizer import build_optimizer
 from megatron_speed.actor.packing import PackedMicroBatch, balanced_bins, build_packed, padded_length, scatter_packed
+from megatron_speed.actor.router_metrics import RouterMetrics
 from megatron_speed.algorithms import aggregate_loss, kl_penalty, policy_objective, ppo_clip_token_loss
 from megatron_speed.algorithms.aggregation import aggregate_segments
 from megatron_speed.bridge import mapping_for
-from megatron_speed.bridge.weights import export_hf_weights, load_hf_weights
+from megatron_speed.bridge.weights import bare_chunks, export_hf_weights, load_hf_weights
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig, ParallelConfig
 
@@ -109,6 +111,7 @@ class MegatronActor:
         if self.cp > 1 and not optim_cfg.pack_sequences:
             raise ConfigError("parallel.context_parallel_size", self.cp, "needs packed sequences",
                               "set optim.pack_sequences=true (with optim.micro_batch_tokens)")
+        check_trainable_layout(self.hf_config, tp)
         self.dtype = torch.bfloat16 if model_cfg.params_dtype == "bfloat16" else torch.float32
         with cpu_megatron():
             self.chunks = self._wrap_ddp(self._build_chunks())
@@ -121,13 +124,18 @@ class MegatronActor:
                 for chunk in self.reference:
                     chunk.config.finalize_model_grads_func = None
                     chunk.requires_grad_(False)
+        # MoE: per-layer expert load, dropped tokens and the aux loss of each train step (router_metrics.py).
+        self.router_metrics = (RouterMetrics(bare_chunks(self.chunks), capacity=model_cfg.moe_capacity_factor > 0)
+                               if getattr(self.module.config, "num_moe_experts", None) else None)
         self.version = 0
 
     def _build_chunks(self) -> list[torch.nn.Module]:
         """This stage's model chunk(s) (VPP: one per virtual stage), loaded from the HF checkpoint."""
         kwargs = dict(params_dtype=self.dtype, tp=self.tp, pp=self.pp,
                       attention_backend=self.model_cfg.attention_backend, recompute=self.model_cfg.recompute,
-                      first_stage_layers=self.stage_layers[0], last_stage_layers=self.stage_layers[1])
+                      first_stage_layers=self.stage_layers[0], last_stage_layers=self.stage_layers[1],
+                      moe_aux_loss_coef=self.model_cfg.moe_aux_loss_coef,
+                      moe_capacity_factor=self.model_cfg.moe_capacity_factor)
         if self.vpp == 1:
             chunks = [build_gpt_model(self.hf_config, **kwargs)]
         else:
@@ -354,7 +362,8 @@ class MegatronActor:
         # Share of the computed positions (all micro-batches, ranks and updates) that were padding.
         computed, real = stats.pop("computed_tokens"), stats.pop("real_tokens")
         stats["actor/padding_fraction"] = 1.0 - real / max(computed, 1.0)
-        return {k: (v / updates if k in ("loss", "grad_norm", "lr") else v) for k, v in stats.items()}
+        routing = self.router_metrics.collect() if self.router_metrics is not None else {}
+        return {**{k: (v / updates if k in ("loss", "grad_norm", "lr") else v) for k, v in stats.items()}, **routing}
 
     def _global_sums(self, out: list[dict[str, Any]]) -> dict[str, float]:
         """Loss statistics summed over micro-batches (last stage) and data- and context-parallel ranks,

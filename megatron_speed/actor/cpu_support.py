@@ -11,7 +11,11 @@ them, and nothing else, while `cpu_megatron()` is active:
 * `torch.cuda.current_device`, `synchronize`, `get/set_rng_state`, `manual_seed`, and
   `megatron.core.tensor_parallel.random`'s CUDA RNG helpers -> CPU equivalents (the CPU generator
   stands in for the CUDA one, so the RNG tracker's fork/restore semantics still hold);
-* `torch.cuda.Stream` / `current_stream` / `stream` used for overlap -> inert stand-ins.
+* `torch.cuda.Stream` / `current_stream` / `stream` / events used for overlap -> inert stand-ins;
+* the MoE all-to-all (`tensor_parallel.mappings._AllToAll`): its forward allocates on
+  `torch.cuda.current_device()` and also runs inside autograd's backward, where the mode is not
+  active; and its split sizes, which megatron turns into numpy arrays only when it moves them off a
+  GPU, reach `all_to_all_single` as tensors, which it rejects -> a CPU forward with list splits.
 
 Deliberately left out: sequence parallelism (needs TE or apex norms), fused kernels, CUDA graphs.
 The adapter is a no-op when CUDA is available: `cpu_megatron()` then yields without patching.
@@ -25,6 +29,7 @@ from typing import Any
 from unittest import mock
 
 import torch
+import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
@@ -67,8 +72,18 @@ class _InertStream:
     def synchronize(self) -> None:
         pass
 
-    def record_event(self, event: Any = None) -> None:
-        return None
+    def record_event(self, event: Any = None) -> _InertEvent:
+        return _InertEvent()
+
+
+class _InertEvent:
+    """Stands in for `torch.cuda.Event` (the MoE all-to-all dispatcher waits on one)."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
 
 
 def _set_cpu_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
@@ -79,7 +94,27 @@ def _get_cpu_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bo
     return torch.get_rng_state()
 
 
+def _splits(sizes: Any) -> list[int] | None:
+    return None if sizes is None else [int(s) for s in sizes]
+
+
+def _all_to_all_forward(ctx: Any, group: Any, input: torch.Tensor, output_split_sizes: Any,
+                        input_split_sizes: Any) -> torch.Tensor:
+    """megatron's `_AllToAll.forward` on CPU tensors (same saved context, so its backward still works)."""
+    ctx.group, ctx.output_split_sizes, ctx.input_split_sizes = group, output_split_sizes, input_split_sizes
+    if group.size() == 1:
+        return input
+    input = input.contiguous()
+    out_splits = _splits(output_split_sizes)
+    rows = input.shape[0] if out_splits is None else sum(out_splits)
+    output = input.new_empty((rows, *input.shape[1:]))
+    dist.all_to_all_single(output, input, output_split_sizes=out_splits,
+                           input_split_sizes=_splits(input_split_sizes), group=group)
+    return output
+
+
 def _patches() -> list[Any]:
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.tensor_parallel import random as tp_random
 
     cuda = torch.cuda
@@ -95,6 +130,7 @@ def _patches() -> list[Any]:
         mock.patch.object(cuda, "device_count", lambda: 1),
         mock.patch.object(tp_random, "_set_cuda_rng_state", _set_cpu_rng_state),
         mock.patch.object(tp_random, "_get_cuda_rng_state", _get_cpu_rng_state),
+        mock.patch.object(mappings._AllToAll, "forward", staticmethod(_all_to_all_forward)),
     ]
 
 

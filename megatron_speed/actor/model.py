@@ -1,4 +1,4 @@
-"""Build a megatron-core GPTModel from an HF config: qwen2, llama and qwen3 decoders.
+"""Build a megatron-core GPTModel from an HF config: qwen2, llama, qwen3 and qwen3_moe decoders.
 
 What differs between the families is declared in `ARCHITECTURES` (QKV bias, per-head q/k RMSNorm);
 everything else (RoPE, RMSNorm, SwiGLU, grouped-query attention, tied or untied embeddings) is
@@ -16,8 +16,12 @@ transformers' own `ROPE_INIT_FUNCTIONS` (the formula the HF model runs) and inst
 rotary module, in `_install_hf_rope` and nowhere else. Types that also rescale attention (yarn,
 longrope) or change with the sequence length (dynamic) are rejected.
 
+MoE (qwen3_moe): the router, expert and layer-pattern facts come from `actor/moe.py`, which also
+explains how HF's routing maps onto megatron's.
+
 Deliberately left out: sliding-window attention, biases outside QKV (llama/qwen3 `attention_bias`,
-`mlp_bias`), MoE, vocabularies that TP does not divide (megatron would pad them; the bridge would not).
+`mlp_bias`), MoE families other than Qwen3-MoE, vocabularies that TP does not divide (megatron would
+pad them; the bridge would not).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_speed.actor import moe
 from megatron_speed.config.base import ConfigError
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
@@ -52,16 +57,18 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": Architecture(qkv_bias=True, qk_layernorm=False),
     "llama": Architecture(qkv_bias=False, qk_layernorm=False),
     "qwen3": Architecture(qkv_bias=False, qk_layernorm=True),
+    "qwen3_moe": Architecture(qkv_bias=False, qk_layernorm=True),  # + experts: actor/moe.py
 }
 
 
 def architecture(hf_config: Any) -> Architecture:
     """The family facts of `hf_config`; ValueError for anything this builder cannot reproduce exactly."""
     model_type = getattr(hf_config, "model_type", None)
+    moe.refuse_unsupported_moe(model_type)
     if model_type not in ARCHITECTURES:
         raise ValueError(f"unsupported architecture model_type={model_type!r}; supported: "
                          f"{', '.join(sorted(ARCHITECTURES))}")
-    problems = []
+    problems = moe.check_moe_config(hf_config) if moe.is_moe(hf_config) else []
     if hf_config.hidden_act not in ACTIVATIONS:
         problems.append(f"hidden_act={hf_config.hidden_act!r} (supported: {', '.join(ACTIVATIONS)})")
     for flag in ("use_sliding_window", "attention_bias", "mlp_bias"):
@@ -140,10 +147,15 @@ def resolve_attention_backend(backend: str) -> str:
     return "sdpa"
 
 
-def layer_spec(backend: str, *, qk_layernorm: bool) -> Any:
-    """The transformer-layer ModuleSpec for a resolved backend ("te" | "sdpa" | "local")."""
+def layer_spec(backend: str, *, qk_layernorm: bool, config: Any = None, vp_stage: int | None = None) -> Any:
+    """The transformer-layer ModuleSpec for a resolved backend ("te" | "sdpa" | "local"); for an MoE
+    `config`, the block spec of this stage's dense and MoE layers."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    if config is not None and config.num_moe_experts:
+        from megatron_speed.actor.attention import SDPAttention
+
+        return moe.decoder_block_spec(config, backend, SDPAttention if backend == "sdpa" else None, vp_stage)
     if backend == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
@@ -156,10 +168,12 @@ def layer_spec(backend: str, *, qk_layernorm: bool) -> Any:
 
 def transformer_config_from_hf(hf_config: Any, *, params_dtype: torch.dtype, tp: int = 1, pp: int = 1,
                                recompute: str = "none", vpp: int | None = None, first_stage_layers: int | None = None,
-                               last_stage_layers: int | None = None, cp: int = 1) -> Any:
+                               last_stage_layers: int | None = None, cp: int = 1,
+                               moe_fields: dict[str, Any] | None = None) -> Any:
     """The megatron-core TransformerConfig equivalent to an HF decoder config (`vpp`: virtual stages;
     `first_stage_layers` / `last_stage_layers`: megatron's uneven pipeline split, None = even; `cp`:
-    context-parallel size, which splits sequences, never weights)."""
+    context-parallel size, which splits sequences, never weights; `moe_fields`:
+    `moe.moe_transformer_fields(...)` for an MoE decoder)."""
     from megatron.core.transformer import TransformerConfig
 
     arch = architecture(hf_config)
@@ -202,6 +216,7 @@ def transformer_config_from_hf(hf_config: Any, *, params_dtype: torch.dtype, tp:
         use_cpu_initialization=not on_gpu,
         calculate_per_token_loss=True,  # the loss returns a token SUM; megatron divides by the global count
         **RECOMPUTE[recompute],
+        **(moe_fields or {}),
     )
 
 
@@ -222,25 +237,34 @@ def _install_hf_rope(model: Any, hf_config: Any) -> None:
 
 def build_gpt_model(hf_config: Any, *, params_dtype: torch.dtype, tp: int = 1, pp: int = 1,
                     attention_backend: str = "auto", recompute: str = "none", vp_stage: int | None = None,
-                    first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> Any:
+                    first_stage_layers: int | None = None, last_stage_layers: int | None = None,
+                    moe_aux_loss_coef: float | None = None, moe_capacity_factor: float = 0.0) -> Any:
     """A GPTModel for this rank's pipeline stage (and virtual stage `vp_stage` when megatron's
     parallel_state was initialised with virtual pipeline stages), matching the HF architecture.
     `first_stage_layers` / `last_stage_layers` give the end stages their own layer counts (megatron's
-    uneven split; the caller checks the sizes with `ParallelConfig.layers_per_stage`)."""
+    uneven split; the caller checks the sizes with `ParallelConfig.layers_per_stage`). Expert
+    parallelism (MoE) is read from megatron's parallel_state like the virtual stages; the MoE knobs
+    default to the HF config's (`moe_aux_loss_coef` None = `router_aux_loss_coef`)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     arch = architecture(hf_config)
     check_tensor_parallel(hf_config, tp)
+    backend = resolve_attention_backend(attention_backend)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    moe.check_expert_parallel(hf_config, ep=ep, etp=etp, tp=tp)
+    moe_fields = moe.moe_transformer_fields(hf_config, ep=ep, etp=etp, aux_loss_coef=moe_aux_loss_coef,
+                                            capacity_factor=moe_capacity_factor, grouped_gemm=backend == "te")
     config = transformer_config_from_hf(hf_config, params_dtype=params_dtype, tp=tp, pp=pp, recompute=recompute,
                                         vpp=vpp, first_stage_layers=first_stage_layers,
                                         last_stage_layers=last_stage_layers,
-                                        cp=parallel_state.get_context_parallel_world_size())
+                                        cp=parallel_state.get_context_parallel_world_size(), moe_fields=moe_fields)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(resolve_attention_backend(attention_backend),
-                                          qk_layernorm=arch.qk_layernorm),
+        transformer_layer_spec=layer_spec(backend, qk_layernorm=arch.qk_layernorm, config=config,
+                                          vp_stage=vp_stage),
         vocab_size=hf_config.vocab_size,
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

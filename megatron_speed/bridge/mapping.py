@@ -2,9 +2,9 @@
 
 A family (qwen2, llama, qwen3 ...) is a list of `Rule`s: a Megatron name template, the HF name
 template(s) it corresponds to, and how the tensors combine (`copy`, `qkv`, `gate_up`). `{i}` stands
-for the layer index. Splitting and merging are explicit functions below; nothing is inferred from
-shapes. The mapping works on full (unsharded) tensors; gathering tensor-parallel shards is the
-caller's job.
+for the layer index and `{e}` for the (global) expert index of an MoE layer. Splitting and merging
+are explicit functions below; nothing is inferred from shapes. The mapping works on full
+(unsharded) tensors; gathering tensor-parallel and expert-parallel shards is the caller's job.
 """
 
 from __future__ import annotations
@@ -23,8 +23,20 @@ class Rule:
     hf: tuple[str, ...]
     kind: Literal["copy", "qkv", "gate_up"] = "copy"
 
+    @property
+    def expert(self) -> bool:
+        """True for a per-expert tensor of an MoE layer (sharded over expert parallelism)."""
+        return "{e}" in self.megatron
+
     def pattern(self, template: str) -> re.Pattern[str]:
-        return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+        escaped = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+        return re.compile("^" + escaped + "$")
+
+
+def _fill(template: str, index: dict[str, str]) -> str:
+    for key, value in index.items():
+        template = template.replace("{" + key + "}", value)
+    return template
 
 
 @dataclass(frozen=True)
@@ -70,21 +82,34 @@ class FamilyMapping:
         self.layout = HeadLayout.from_hf(hf_config)
         self._mg = [(r, r.pattern(r.megatron)) for r in self.rules]
 
-    def _match(self, name: str) -> tuple[Rule, str | None]:
+    def _match(self, name: str) -> tuple[Rule, dict[str, str]]:
         for rule, pat in self._mg:
             m = pat.match(name)
             if m:
-                return rule, m.groupdict().get("i")
+                return rule, m.groupdict()
         raise KeyError(f"no HF mapping for Megatron parameter {name!r}")
 
     def kind(self, name: str) -> str:
         """How the Megatron parameter `name` combines HF tensors: "copy", "qkv" or "gate_up"."""
         return self._match(name)[0].kind
 
+    def is_expert(self, name: str) -> bool:
+        """Whether `name` is one expert's tensor (its `{e}` is a global expert index)."""
+        return self._match(name)[0].expert
+
+    def expert_index(self, name: str) -> int:
+        """The expert index `{e}` in an expert tensor's name."""
+        return int(self._match(name)[1]["e"])
+
+    def with_expert_index(self, name: str, expert: int) -> str:
+        """`name` with its expert index `{e}` replaced (local <-> global numbering)."""
+        rule, index = self._match(name)
+        return _fill(rule.megatron, {**index, "e": str(expert)})
+
     def to_hf(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """One full Megatron tensor -> its HF-named tensor(s)."""
-        rule, i = self._match(name)
-        names = [h.replace("{i}", i) if i is not None else h for h in rule.hf]
+        rule, index = self._match(name)
+        names = [_fill(h, index) for h in rule.hf]
         if rule.kind == "qkv":
             return list(zip(names, split_qkv(tensor, self.layout)))
         if rule.kind == "gate_up":
@@ -95,8 +120,8 @@ class FamilyMapping:
             tuple[str, torch.Tensor]]:
         """For each Megatron parameter name, build its full tensor from the HF state dict."""
         for name in megatron_names:
-            rule, i = self._match(name)
-            parts = [hf[h.replace("{i}", i) if i is not None else h] for h in rule.hf]
+            rule, index = self._match(name)
+            parts = [hf[_fill(h, index)] for h in rule.hf]
             if rule.kind == "qkv":
                 yield name, merge_qkv(*parts, self.layout)
             elif rule.kind == "gate_up":

@@ -16,7 +16,14 @@ layout facts that megatron keeps on each parameter:
   embedding kept in sync by megatron's embedding group: it loads from the embedding and is never
   exported.
 
-Deliberately left out: vocabularies that TP does not divide (megatron would pad them), MoE experts.
+* MoE experts (family rules with `{e}`): a rank holds `num_experts / EP` whole experts under local
+  indices, the expert-parallel rank's block of the global ones; each is split over the EXPERT
+  tensor-parallel group (not the dense TP group). Names are turned into global expert indices
+  before the family rules see them. Export gathers one local expert slot at a time over the
+  expert-parallel group, so a rank holds at most EP copies of one expert tensor.
+
+Deliberately left out: vocabularies that TP does not divide (megatron would pad them), megatron's
+legacy `GroupedMLP` (fused [hidden, experts x ffn] weights; see actor/moe.py).
 """
 
 from __future__ import annotations
@@ -50,13 +57,32 @@ def bare_chunks(model: Chunks) -> list[torch.nn.Module]:
     return out
 
 
-def _global_params(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """(global megatron name, local parameter) for one chunk: layer indices shifted by the stage offset."""
+def _local_experts(chunk: torch.nn.Module) -> int:
+    from megatron.core import parallel_state as ps
+
+    experts = getattr(chunk.config, "num_moe_experts", None) or 0
+    return experts // ps.get_expert_model_parallel_world_size()
+
+
+def _expert_offset(chunk: torch.nn.Module) -> int:
+    """Global index of this rank's first expert: its expert-parallel rank's block."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_rank() * _local_experts(chunk)
+
+
+def _global_params(chunk: torch.nn.Module, mapping: FamilyMapping) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(global megatron name, local parameter) for one chunk: layer indices shifted by the stage offset,
+    local expert indices by the expert-parallel rank's offset."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     offset = get_transformer_layer_offset(chunk.config, vp_stage=getattr(chunk, "vp_stage", None))
+    experts = _expert_offset(chunk)
     for name, param in chunk.named_parameters():
-        yield _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name), param
+        name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
+        if experts and mapping.is_expert(name):
+            name = mapping.with_expert_index(name, mapping.expert_index(name) + experts)
+        yield name, param
 
 
 def _is_tied_copy(chunk: torch.nn.Module, name: str) -> bool:
@@ -67,16 +93,21 @@ def _is_glu(mapping: FamilyMapping, name: str) -> bool:
     return mapping.kind(name) == "gate_up"
 
 
-def _tp() -> tuple[int, int, Any]:
+def _tp(expert: bool = False) -> tuple[int, int, Any]:
+    """(size, rank, group) of the tensor-parallel group that splits a parameter: the expert TP group
+    for expert weights, the dense one otherwise."""
     from megatron.core import parallel_state as ps
 
+    if expert:
+        return (ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank(),
+                ps.get_expert_tensor_parallel_group())
     return (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
             ps.get_tensor_model_parallel_group())
 
 
-def _shard(full: torch.Tensor, param: torch.nn.Parameter, glu: bool) -> torch.Tensor:
+def _shard(full: torch.Tensor, param: torch.nn.Parameter, glu: bool, expert: bool = False) -> torch.Tensor:
     """This TP rank's piece of a full tensor, in the layout megatron's layer expects."""
-    size, rank, _ = _tp()
+    size, rank, _ = _tp(expert)
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
     dim = param.partition_dim
@@ -120,18 +151,18 @@ def load_hf_weights(model: Chunks, mapping: FamilyMapping, hf: Path | Mapping[st
     with contextlib.ExitStack() as stack:
         source = _SafetensorsDir(Path(hf), stack) if isinstance(hf, (str, Path)) else hf
         for chunk in bare_chunks(model):
-            for name, param in _global_params(chunk):
+            for name, param in _global_params(chunk, mapping):
                 lookup = EMBEDDING if _is_tied_copy(chunk, name) else name
                 _, full = next(mapping.from_hf([lookup], source))
-                shard = _shard(full, param, _is_glu(mapping, lookup))
+                shard = _shard(full, param, _is_glu(mapping, lookup), mapping.is_expert(lookup))
                 if shard.shape != param.shape:
                     raise ValueError(f"{name}: HF shard shape {tuple(shard.shape)} != Megatron {tuple(param.shape)}")
                 param.copy_(shard)
 
 
-def _gather_tp(param: torch.Tensor, glu: bool) -> torch.Tensor:
+def _gather_tp(param: torch.Tensor, glu: bool, expert: bool = False) -> torch.Tensor:
     """The full tensor of a TP-sharded parameter (all_gather in the TP group, GLU interleave undone)."""
-    size, _, group = _tp()
+    size, _, group = _tp(expert)
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
         return param.detach()
     dim = param.partition_dim
@@ -151,14 +182,16 @@ def _export_order(name: str) -> tuple[int, int]:
     return (1, int(m.group(1))) if m else (2, 0)
 
 
-def _pp_index(local: dict[str, tuple[torch.nn.Module, torch.nn.Parameter]]) -> list[tuple[str, int, Any]]:
+def _pp_index(local: dict[str, tuple[torch.nn.Module, torch.nn.Parameter]],
+              mapping: FamilyMapping) -> list[tuple[str, int, Any]]:
     """Every parameter of the whole pipeline as (global name, owning stage, (shape, dtype)), the same
-    list on every rank: each stage announces what it owns via all_gather_object in the PP group."""
+    list on every rank: each stage announces what it owns via all_gather_object in the PP group.
+    Expert tensors appear once per local slot (see `_export_slots`)."""
     from megatron.core import parallel_state as ps
 
-    size, _, _ = _tp()
     mine = []
     for name, (_, param) in local.items():
+        size, _, _ = _tp(mapping.is_expert(name))
         shape = list(param.shape)
         if size > 1 and getattr(param, "tensor_model_parallel", False):
             shape[param.partition_dim] *= size
@@ -172,6 +205,39 @@ def _pp_index(local: dict[str, tuple[torch.nn.Module, torch.nn.Parameter]]) -> l
     return sorted(index, key=lambda item: _export_order(item[0]))  # stable: local order within a layer
 
 
+def _export_slots(model: Chunks, mapping: FamilyMapping) -> dict[str, tuple[torch.nn.Module, torch.nn.Parameter]]:
+    """This rank's exported parameters by global name; expert tensors under their LOCAL expert index
+    (a slot every expert-parallel rank has, holding a different global expert on each)."""
+    slots = {}
+    for chunk in bare_chunks(model):
+        offset = _expert_offset(chunk)
+        for name, param in _global_params(chunk, mapping):
+            if _is_tied_copy(chunk, name):
+                continue
+            if mapping.is_expert(name):
+                name = mapping.with_expert_index(name, mapping.expert_index(name) - offset)
+            slots[name] = (chunk, param)
+    return slots
+
+
+def _experts_per_rank(local: dict[str, tuple[torch.nn.Module, torch.nn.Parameter]], name: str) -> int:
+    """Experts per expert-parallel rank, from any chunk's config (all chunks share the model config)."""
+    chunk = local[name][0] if name in local else next(iter(local.values()))[0]
+    return _local_experts(chunk)
+
+
+def _gather_ep(full: torch.Tensor) -> torch.Tensor:
+    """[EP, *shape]: one local expert slot from every expert-parallel rank, in EP-rank order."""
+    from megatron.core import parallel_state as ps
+
+    size = ps.get_expert_model_parallel_world_size()
+    if size == 1:
+        return full.unsqueeze(0)
+    parts = [torch.empty_like(full) for _ in range(size)]
+    dist.all_gather(parts, full.contiguous(), group=ps.get_expert_model_parallel_group())
+    return torch.stack(parts)
+
+
 @torch.no_grad()
 def export_hf_weights(model: Chunks, mapping: FamilyMapping) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream the policy as HF-named FULL tensors, identically on every rank (what the vLLM refit takes).
@@ -183,16 +249,25 @@ def export_hf_weights(model: Chunks, mapping: FamilyMapping) -> Iterator[tuple[s
     """
     from megatron.core import parallel_state as ps
 
-    local = {name: (chunk, param) for chunk in bare_chunks(model) for name, param in _global_params(chunk)
-             if not _is_tied_copy(chunk, name)}
+    local = _export_slots(model, mapping)
     pp_rank, pp_group = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_group()
-    for name, stage, (shape, dtype) in _pp_index(local):
+    ep = ps.get_expert_model_parallel_world_size()
+    for name, stage, (shape, dtype) in _pp_index(local, mapping):
+        expert = mapping.is_expert(name)
         if stage == pp_rank:
-            full = _gather_tp(local[name][1], _is_glu(mapping, name))
+            full = _gather_tp(local[name][1], _is_glu(mapping, name), expert)
+            if expert:
+                full = _gather_ep(full)
         else:
-            full = torch.empty(shape, dtype=dtype, device=torch.cuda.current_device()
-                               if torch.cuda.is_available() else "cpu")
+            full = torch.empty((ep, *shape) if expert else shape, dtype=dtype,
+                               device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
         if ps.get_pipeline_model_parallel_world_size() > 1:
             full = full.contiguous()
             dist.broadcast(full, src=dist.get_global_rank(pp_group, stage), group=pp_group)
-        yield from mapping.to_hf(name, full)
+        if not expert:
+            yield from mapping.to_hf(name, full)
+            continue
+        per_rank = _experts_per_rank(local, name)
+        for ep_rank in range(ep):  # slot j of EP rank r is global expert r * experts_per_rank + j
+            global_name = mapping.with_expert_index(name, ep_rank * per_rank + mapping.expert_index(name))
+            yield from mapping.to_hf(global_name, full[ep_rank])

@@ -12,8 +12,10 @@ Both are collective: every rank of a `tensor_parallel_size x pipeline_parallel_s
 them (the CLI initialises that world). Pipeline stages may be uneven (megatron-core's
 `num_layers_in_first/last_pipeline_stage`): dist-checkpointing keys every layer by its global index,
 so a checkpoint written with one split loads with another, or with none. meta.json records the
-split it was written with (`layers_per_stage`). Deliberately left out: data-parallel replicas (a converter
-needs one copy of the model), vocabulary padding, MoE.
+split it was written with (`layers_per_stage`). MoE models may also split their experts over `ep`
+ranks (the dense layers are then copied on each; dist-checkpointing stores one copy, and stores
+experts by global index, so any EP layout loads any other). Deliberately left out: other
+data-parallel replicas (a converter needs one copy of the model), vocabulary padding.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from megatron_speed.checkpoint.layout import (
     write_meta,
 )
 from megatron_speed.checkpoint.megatron import load_megatron, save_megatron
+from megatron_speed.config.base import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -61,14 +64,18 @@ def _in_flags(text: str) -> str:
 
 
 def check_layout(hf_config: Any, tp: int, pp: int, first: int | None = None,
-                 last: int | None = None) -> tuple[int, ...]:
+                 last: int | None = None, ep: int = 1) -> tuple[int, ...]:
     """Refuse, with the numbers, a layout megatron would fail on deep inside model construction;
     returns the layers on each pipeline stage (`first` / `last`: megatron's uneven end stages)."""
     from megatron_speed.actor.model import architecture
-    from megatron_speed.config.base import ConfigError
+    from megatron_speed.actor.moe import check_expert_parallel
     from megatron_speed.config.schema import ParallelConfig
 
     architecture(hf_config)  # ValueError naming the model_type / unsupported feature
+    try:
+        check_expert_parallel(hf_config, ep=ep, etp=tp, tp=tp)
+    except ConfigError as err:
+        raise ValueError(f"--ep {ep}: {err.rule}; {err.fix}") from None
     sizes = {"num_attention_heads": hf_config.num_attention_heads,
              "num_key_value_heads": getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
              "vocab_size": hf_config.vocab_size, "intermediate_size": hf_config.intermediate_size}
@@ -94,11 +101,12 @@ def _dtype(hf_config: Any) -> torch.dtype:
     return DTYPES.get(name.removeprefix("torch."), torch.float32)
 
 
-def _build(hf_config: Any, tp: int, pp: int, first: int | None, last: int | None) -> tuple[Any, Any, tuple[int, ...]]:
+def _build(hf_config: Any, tp: int, pp: int, first: int | None, last: int | None,
+           ep: int = 1) -> tuple[Any, Any, tuple[int, ...]]:
     from megatron_speed.actor.model import build_gpt_model
     from megatron_speed.bridge import mapping_for
 
-    layers = check_layout(hf_config, tp, pp, first, last)
+    layers = check_layout(hf_config, tp, pp, first, last, ep)
     mapping = mapping_for(hf_config)
     with cpu_megatron():
         model = build_gpt_model(hf_config, params_dtype=_dtype(hf_config), tp=tp, pp=pp,
@@ -107,8 +115,8 @@ def _build(hf_config: Any, tp: int, pp: int, first: int | None, last: int | None
 
 
 def hf_to_megatron(hf_dir: Path, out: Path, *, tp: int, pp: int, first_stage_layers: int | None = None,
-                   last_stage_layers: int | None = None) -> Path:
-    """Write `hf_dir` as a model-only megatron checkpoint at layout (tp, pp) into `out` (collective).
+                   last_stage_layers: int | None = None, ep: int = 1) -> Path:
+    """Write `hf_dir` as a model-only megatron checkpoint at layout (tp, pp, ep) into `out` (collective).
     `first_stage_layers` / `last_stage_layers`: uneven end stages (None = the even split)."""
     from transformers import AutoConfig
 
@@ -117,7 +125,8 @@ def hf_to_megatron(hf_dir: Path, out: Path, *, tp: int, pp: int, first_stage_lay
     hf_dir, out = Path(hf_dir), Path(out)
     if _rank() == 0 and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: choose a new --out directory")
-    model, mapping, layers = _build(AutoConfig.from_pretrained(hf_dir), tp, pp, first_stage_layers, last_stage_layers)
+    model, mapping, layers = _build(AutoConfig.from_pretrained(hf_dir), tp, pp, first_stage_layers, last_stage_layers,
+                                    ep)
     load_hf_weights(model, mapping, hf_dir)
     if _rank() == 0:
         (out / "megatron").mkdir(parents=True)
@@ -125,7 +134,7 @@ def hf_to_megatron(hf_dir: Path, out: Path, *, tp: int, pp: int, first_stage_lay
     save_megatron(out / "megatron", model)
     if _rank() == 0:
         copy_hf_files(hf_dir, out / "hf")
-        write_meta(out, step=0, contents=["model"], world_size=tp * pp, source=str(hf_dir),
+        write_meta(out, step=0, contents=["model"], world_size=tp * pp * ep, source=str(hf_dir), ep=ep,
                    **layout_meta(tp, pp, first_stage_layers, last_stage_layers, layers))
         mark_complete(out)
     _barrier()
@@ -148,9 +157,9 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def megatron_to_hf(ckpt: Path, out: Path, *, tp: int = 1, pp: int = 1, first_stage_layers: int | None = None,
-                   last_stage_layers: int | None = None) -> Path:
-    """Load checkpoint `ckpt` at layout (tp, pp[, uneven end stages]) and write an HF folder to `out`
-    (collective; rank 0 writes). Any layout loads any checkpoint: layers are keyed by global index."""
+                   last_stage_layers: int | None = None, ep: int = 1) -> Path:
+    """Load checkpoint `ckpt` at layout (tp, pp[, uneven end stages], ep) and write an HF folder to `out`
+    (collective; rank 0 writes). Any layout loads any checkpoint: layers and experts are keyed by global index."""
     from transformers import AutoConfig
 
     from megatron_speed.bridge.weights import export_hf_weights
@@ -158,7 +167,8 @@ def megatron_to_hf(ckpt: Path, out: Path, *, tp: int = 1, pp: int = 1, first_sta
     ckpt = resolve_checkpoint(ckpt)
     read_meta(ckpt)
     hf_files = ckpt / "hf"
-    model, mapping, _ = _build(AutoConfig.from_pretrained(hf_files), tp, pp, first_stage_layers, last_stage_layers)
+    model, mapping, _ = _build(AutoConfig.from_pretrained(hf_files), tp, pp, first_stage_layers, last_stage_layers,
+                               ep)
     load_megatron(ckpt / "megatron", model)
     tensors = list(export_hf_weights(model, mapping))  # every rank iterates: TP gathers, PP broadcasts
     if _rank() == 0:

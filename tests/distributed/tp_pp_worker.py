@@ -41,7 +41,9 @@ def run(hf_dir: Path, layout: dict[str, Any]) -> dict[str, Any]:
     parallel = ParallelConfig(tensor_parallel_size=layout.get("tp", 1), pipeline_parallel_size=layout.get("pp", 1),
                               virtual_pipeline_parallel_size=layout.get("vpp", 1),
                               num_layers_in_first_pipeline_stage=layout.get("first"),
-                              num_layers_in_last_pipeline_stage=layout.get("last"))
+                              num_layers_in_last_pipeline_stage=layout.get("last"),
+                              expert_parallel_size=layout.get("ep", 1),
+                              expert_tensor_parallel_size=layout.get("etp", 0))
     dims = init_parallel(parallel, seed=1)
     optim = OptimConfig(lr=1e-3, min_lr=1e-3, micro_batch_size=2, mini_batch_size=ROWS,
                         micro_batch_tokens=layout.get("micro_batch_tokens", 0),
