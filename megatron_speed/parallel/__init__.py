@@ -63,17 +63,13 @@ def init_parallel(cfg: ParallelConfig, *, seed: int) -> ParallelDims:
         dist.init_process_group(backend, rank=rank, world_size=world)
     world = dist.get_world_size()
     model_parallel = cfg.tensor_parallel_size * cfg.pipeline_parallel_size * cfg.context_parallel_size
-    if world % model_parallel:
-        raise ConfigError("parallel.tensor_parallel_size", cfg.tensor_parallel_size,
-                          f"x pipeline_parallel_size ({cfg.pipeline_parallel_size}) x context_parallel_size "
-                          f"({cfg.context_parallel_size}) must divide the world size ({world})",
-                          "change the parallel sizes or the number of processes")
-    expert_grid = cfg.expert_parallel_size * cfg.expert_tp * cfg.pipeline_parallel_size
-    if world % expert_grid:
-        raise ConfigError("parallel.expert_parallel_size", cfg.expert_parallel_size,
-                          f"x expert tensor-parallel size ({cfg.expert_tp}) x pipeline_parallel_size "
-                          f"({cfg.pipeline_parallel_size}) must divide the world size ({world})",
-                          "change the expert parallel sizes or the number of processes")
+    _require_divides(world, model_parallel, "parallel.tensor_parallel_size", cfg.tensor_parallel_size,
+                     f"x pipeline_parallel_size ({cfg.pipeline_parallel_size}) x context_parallel_size "
+                     f"({cfg.context_parallel_size})", "change the parallel sizes or the number of processes")
+    _require_divides(world, cfg.expert_parallel_size * cfg.expert_tp * cfg.pipeline_parallel_size,
+                     "parallel.expert_parallel_size", cfg.expert_parallel_size,
+                     f"x expert tensor-parallel size ({cfg.expert_tp}) x pipeline_parallel_size "
+                     f"({cfg.pipeline_parallel_size})", "change the expert parallel sizes or the number of processes")
     with cpu_megatron():
         if parallel_state.model_parallel_is_initialized() and _layout() != _wanted(cfg):
             parallel_state.destroy_model_parallel()  # a different layout in the same world: rebuild the groups
@@ -90,6 +86,12 @@ def init_parallel(cfg: ParallelConfig, *, seed: int) -> ParallelDims:
                         pp=cfg.pipeline_parallel_size, dp=world // model_parallel, backend=backend,
                         vpp=cfg.virtual_pipeline_parallel_size, cp=cfg.context_parallel_size,
                         ep=cfg.expert_parallel_size)
+
+
+def _require_divides(world: int, grid: int, key: str, value: int, factors: str, fix: str) -> None:
+    """ConfigError naming `key` unless the process grid `grid` (`value` `factors`) divides the world."""
+    if world % grid:
+        raise ConfigError(key, value, f"{factors} must divide the world size ({world})", fix)
 
 
 def _layout() -> tuple[int, ...]:
