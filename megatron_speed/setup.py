@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_speed.actor.actor import MegatronActor
-from megatron_speed.checkpoint import save_hf_folder
+from megatron_speed.checkpoint import save_hf_folder, save_peft_folder
 from megatron_speed.checkpoint.resume import checkpoint_step, discard_checkpoints, keep_metrics_until, resolve_resume
 from megatron_speed.config.base import to_dict
 from megatron_speed.config.schema import Config
@@ -59,10 +59,14 @@ class Components:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def save_hf(self, tag: str) -> Path | None:
-        """Export the policy in HF format under out_dir/hf/<tag> (rank 0 writes)."""
+        """Export the policy in HF format under out_dir/hf/<tag> (rank 0 writes); with LoRA the weights
+        are merged there, and the adapters alone go to out_dir/peft/<tag> as a PEFT adapter folder."""
         tensors = list(self.actor.export_hf_weights())
+        adapters = list(self.actor.export_adapter_weights()) if self.cfg.model.lora.enabled else None
         if not self.dims.is_main:
             return None
+        if adapters is not None:
+            save_peft_folder(self.out_dir / "peft" / tag, adapters, self.actor.adapter_config())
         return save_hf_folder(self.out_dir / "hf" / tag, self.hf_path, tensors)
 
     def close(self) -> None:

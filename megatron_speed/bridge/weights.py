@@ -50,13 +50,21 @@ def bare_chunks(model: Chunks) -> list[torch.nn.Module]:
     return out
 
 
-def _global_params(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """(global megatron name, local parameter) for one chunk: layer indices shifted by the stage offset."""
+def named_global_params(chunk: torch.nn.Module, *, adapters: bool = False) -> Iterator[
+        tuple[str, str, torch.nn.Parameter]]:
+    """(local name, global megatron name, parameter) for one chunk: layer indices shifted by the stage
+    offset. Base weights, or with `adapters` the LoRA adapter tensors (`actor/lora.py` marks them)."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     offset = get_transformer_layer_offset(chunk.config, vp_stage=getattr(chunk, "vp_stage", None))
     for name, param in chunk.named_parameters():
-        yield _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name), param
+        if bool(getattr(param, "is_lora", False)) == adapters:
+            yield name, _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name), param
+
+
+def _global_params(chunk: torch.nn.Module, *, adapters: bool = False) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    for _, name, param in named_global_params(chunk, adapters=adapters):
+        yield name, param
 
 
 def _is_tied_copy(chunk: torch.nn.Module, name: str) -> bool:
@@ -129,14 +137,22 @@ def load_hf_weights(model: Chunks, mapping: FamilyMapping, hf: Path | Mapping[st
                 param.copy_(shard)
 
 
-def _gather_tp(param: torch.Tensor, glu: bool) -> torch.Tensor:
-    """The full tensor of a TP-sharded parameter (all_gather in the TP group, GLU interleave undone)."""
+def _local_value(param: torch.nn.Parameter) -> torch.Tensor:
+    """A base weight as the policy uses it: with a LoRA adapter (`actor/lora.py`), W + scaling * B A."""
+    delta = getattr(param, "lora_delta", None)
+    return param.detach() if delta is None else (param.detach().float() + delta()).to(param.dtype)
+
+
+def _gather_tp(param: torch.Tensor, glu: bool, value: torch.Tensor | None = None) -> torch.Tensor:
+    """The full tensor of a TP-sharded parameter (all_gather in the TP group, GLU interleave undone);
+    `value` replaces the parameter's data (same shape and sharding), e.g. a merged LoRA weight."""
     size, _, group = _tp()
+    value = param.detach() if value is None else value
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
-        return param.detach()
+        return value
     dim = param.partition_dim
-    parts = [torch.empty_like(param) for _ in range(size)]
-    dist.all_gather(parts, param.detach().contiguous(), group=group)
+    parts = [torch.empty_like(value) for _ in range(size)]
+    dist.all_gather(parts, value.contiguous(), group=group)
     if glu:  # each part is [gate_shard; up_shard]
         halves = [torch.chunk(p, 2, dim=dim) for p in parts]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
@@ -181,18 +197,27 @@ def export_hf_weights(model: Chunks, mapping: FamilyMapping) -> Iterator[tuple[s
     tensor to the other pipeline stages. A yielded tensor may alias a live parameter (unsharded ones
     on their own stage): consumers that keep it past the next optimizer step must copy it.
     """
-    from megatron.core import parallel_state as ps
-
     local = {name: (chunk, param) for chunk in bare_chunks(model) for name, param in _global_params(chunk)
              if not _is_tied_copy(chunk, name)}
+    for name, full in stream_full_tensors(local, glu=lambda n: _is_glu(mapping, n)):
+        yield from mapping.to_hf(name, full)
+
+
+def stream_full_tensors(local: dict[str, tuple[torch.nn.Module, torch.nn.Parameter]],
+                        glu: Any = lambda name: False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(global megatron name, FULL tensor) for every parameter of the pipeline, in the same order on
+    every rank (collective): the owning stage gathers the TP shards and broadcasts to the others."""
+    from megatron.core import parallel_state as ps
+
     pp_rank, pp_group = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_group()
     for name, stage, (shape, dtype) in _pp_index(local):
         if stage == pp_rank:
-            full = _gather_tp(local[name][1], _is_glu(mapping, name))
+            param = local[name][1]
+            full = _gather_tp(param, glu(name), _local_value(param))
         else:
             full = torch.empty(shape, dtype=dtype, device=torch.cuda.current_device()
                                if torch.cuda.is_available() else "cpu")
         if ps.get_pipeline_model_parallel_world_size() > 1:
             full = full.contiguous()
             dist.broadcast(full, src=dist.get_global_rank(pp_group, stage), group=pp_group)
-        yield from mapping.to_hf(name, full)
+        yield name, full

@@ -8,6 +8,11 @@ parameters it belongs to; the LR schedule is a small plain dict saved once in th
 
 Loading a model-only subset of a trainer checkpoint (what `tools/convert_megatron_to_hf.py` does)
 is the same call without the optimizer: unrequested keys are ignored.
+
+With LoRA (`actor/lora.py`) the model part is the adapters only (base weights are frozen and come
+from the base model's HF folder, whose path the checkpoint's meta records): each adapter tensor is a
+ShardedTensor split on the dimension its base weight is split on, or replicated, so adapters too
+reshard across TP/PP layouts, and the optimizer state is keyed by them as usual.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import torch
 
 from megatron_speed.actor.cpu_support import cpu_megatron
-from megatron_speed.bridge.weights import bare_chunks
+from megatron_speed.bridge.weights import bare_chunks, named_global_params
 
 # The distributed optimizer's only format that loads back with the torch-Adam fallback on CPU
 # (ARCHITECTURE.md); it reshards across data-parallel sizes. Ignored by the other optimizers.
@@ -29,13 +34,37 @@ def _sharded(model: Any, optimizer: Any | None, scheduler: Any | None, *, loadin
     """Megatron-LM's layout: "model" (or "model0", "model1", ... with virtual pipeline stages),
     "optimizer" keyed by the model's sharded parameters, and the scheduler's plain dict."""
     chunks = bare_chunks(model)
-    state: dict[str, Any] = ({"model": chunks[0].sharded_state_dict()} if len(chunks) == 1 else
-                             {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)})
+    state: dict[str, Any] = ({"model": _model_state(chunks[0])} if len(chunks) == 1 else
+                             {f"model{i}": _model_state(c) for i, c in enumerate(chunks)})
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=loading,
                                                           metadata=OPTIMIZER_METADATA)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
+    return state
+
+
+def has_adapters(chunk: torch.nn.Module) -> bool:
+    return any(getattr(p, "is_lora", False) for p in chunk.parameters())
+
+
+def _model_state(chunk: torch.nn.Module) -> dict[str, Any]:
+    return _adapter_state(chunk) if has_adapters(chunk) else chunk.sharded_state_dict()
+
+
+def _adapter_state(chunk: torch.nn.Module) -> dict[str, Any]:
+    """The LoRA adapters as ShardedTensors, keyed by local name, checkpoint key the global name."""
+    from megatron.core.transformer.utils import (
+        make_sharded_tensor_for_checkpoint,
+        make_tp_sharded_tensor_for_checkpoint,
+    )
+
+    state = {}
+    for local, name, param in named_global_params(chunk, adapters=True):
+        if getattr(param, "tensor_model_parallel", False):
+            state[local] = make_tp_sharded_tensor_for_checkpoint(param, name, tp_axis=param.partition_dim)
+        else:
+            state[local] = make_sharded_tensor_for_checkpoint(param, name)
     return state
 
 
@@ -82,7 +111,8 @@ def load_megatron(directory: Path, model: Any, optimizer: Any | None = None, sch
             with torch.no_grad():
                 missing, unexpected = chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"],
                                                             strict=False)
-            real_missing = [k for k in missing if not k.endswith("_extra_state")]
+            real_missing = [k for k in missing if not k.endswith("_extra_state")
+                            and (not has_adapters(chunk) or ".lora." in k)]  # LoRA: base weights are not saved
             if real_missing or unexpected:
                 raise ValueError(f"{directory}: checkpoint does not fit this model: missing {real_missing[:5]}, "
                                  f"unexpected {list(unexpected)[:5]}")
