@@ -85,6 +85,41 @@ def _prime_adam_state(optimizer: Any) -> None:
                                             exp_avg_sq=torch.zeros_like(param))
 
 
+def _saved_steps(tree: Any) -> set[float]:
+    """The `step` values of every optimizer param group in a loaded optimizer state."""
+    found: set[float] = set()
+    if isinstance(tree, dict):
+        for group in tree.get("param_groups", []) if isinstance(tree.get("param_groups"), list) else []:
+            if isinstance(group, dict) and group.get("step") is not None:
+                found.add(float(group["step"]))
+        for value in tree.values():
+            found |= _saved_steps(value)
+    elif isinstance(tree, list | tuple):
+        for value in tree:
+            found |= _saved_steps(value)
+    return found
+
+
+def _restore_adam_steps(optimizer: Any, loaded: Any) -> None:
+    """Give every parameter its own Adam `step` tensor holding the checkpoint's step count.
+
+    megatron-core 0.16's distributed optimizer, on the torch-Adam fallback (no TE/apex), loads the step
+    from its param groups into ONE tensor shared by all parameters' states (and, for the
+    `dp_reshardable` format, from the state it was primed with, 0): torch's Adam then increments that
+    shared tensor once per parameter per step, so bias correction is wrong from the second resumed step
+    on. Measured here before this fix: the first resumed step matched, the second did not."""
+    steps = _saved_steps(loaded)
+    if len(steps) != 1:
+        return  # plain optimizers keep per-parameter steps in their state, which torch restores as is
+    (step,) = steps
+    inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    for opt in inner:
+        if isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+            for state in opt.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(step, dtype=state["step"].dtype, device=state["step"].device)
+
+
 def save_megatron(directory: Path, model: Any, optimizer: Any | None = None, scheduler: Any | None = None) -> None:
     """Write this rank's shards of `model` (a GPTModel, DDP-wrapped or not, or the list of virtual-stage
     chunks) and, if given, the optimizer and scheduler into `directory`, which must exist and be empty
@@ -119,6 +154,7 @@ def load_megatron(directory: Path, model: Any, optimizer: Any | None = None, sch
         if optimizer is not None:
             with torch.no_grad():  # the distributed optimizer copies into its fp32 parameter shards
                 optimizer.load_state_dict(state["optimizer"])
+            _restore_adam_steps(optimizer, state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
 
