@@ -157,8 +157,10 @@ def build(cfg: Config) -> Components:
                           name="heldout", counts=counts)
     # The TP ranks of one engine replica must sample alike (same seed); replicas differ.
     replicas = ReplicaLayout(dims.world_size, dims.rank, cfg.rollout.tensor_parallel_size)
+    lora = cfg.model.lora
     engine = VLLMEngine(hf_path, cfg.rollout, max_model_len=max_len, world_size=dims.world_size,
-                        seed=cfg.rollout.seed + replicas.replica, rank=replicas.replica)
+                        seed=cfg.rollout.seed + replicas.replica, rank=replicas.replica,
+                        lora_rank=lora.rank if lora.enabled and lora.refit == "adapter" else 0)
     actor = MegatronActor(hf_path, model_cfg=cfg.model, optim_cfg=cfg.optim, algorithm_cfg=cfg.algorithm,
                           temperature=cfg.rollout.temperature, horizon=cfg.rollout.max_new_tokens,
                           total_steps=cfg.schedule_steps,

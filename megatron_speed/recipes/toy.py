@@ -8,6 +8,10 @@ Variants change only the algorithm and the curriculum, and keep 8 samples per tr
 256 trajectories per optimizer step, so they compare at equal compute per update:
 RLOO (n=8) | SPEED-RLOO (screen 4 + continue 4) | JS | SPEED-JS | DAPO | SPEED-DAPO.
 DAPO here is the SPEED paper's DAPO: RLOO advantages, clip-higher 0.28, dynamic sampling.
+
+`toy_cpu_lora` is `toy_cpu` with LoRA adapters (rank 16, alpha 32) on every attention and MLP
+projection instead of full fine-tuning; adapters learn at a 10x higher lr (1e-3), the usual ratio
+between LoRA and full-parameter RL learning rates.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from megatron_speed.config.schema import (
     CurriculumConfig,
     DataConfig,
     EvalConfig,
+    LoraConfig,
     ModelConfig,
     OptimConfig,
     RolloutConfig,
@@ -76,5 +81,15 @@ def toy_cpu_speed_dapo() -> Config:
     return _variant("toy_cpu_speed_dapo", curriculum="speed", clip_high=0.28)
 
 
+def toy_cpu_lora() -> Config:
+    base = toy_cpu()
+    return dataclasses.replace(
+        base,
+        run=dataclasses.replace(base.run, name="toy_cpu_lora"),
+        model=dataclasses.replace(base.model, lora=LoraConfig(rank=16, alpha=32.0)),
+        optim=dataclasses.replace(base.optim, lr=1e-3, min_lr=1e-3),
+    )
+
+
 TOY_RECIPES = {f.__name__: f for f in (toy_cpu, toy_cpu_rloo, toy_cpu_speed_rloo, toy_cpu_js, toy_cpu_speed_js,
-                                       toy_cpu_dapo, toy_cpu_speed_dapo)}
+                                       toy_cpu_dapo, toy_cpu_speed_dapo, toy_cpu_lora)}

@@ -186,3 +186,39 @@ def test_lora_config_errors_name_the_key() -> None:
         load_config("toy_cpu", ["model.lora.dropout=1.5"])
     cfg = load_config("toy_cpu", ["model.lora.rank=8", "model.lora.targets=[q_proj,v_proj]"])
     assert cfg.model.lora.enabled and cfg.model.lora.scaling == 2.0
+
+
+def _sampled(engine: Any, version: int) -> Any:
+    from megatron_speed.curriculum.batch import build_train_batch
+    from megatron_speed.records import PromptRecord, SampleRequest
+
+    requests = [SampleRequest(prompt=PromptRecord(uid=str(i), prompt=f" {i}+{3 * i}=", answer="0"), n=4)
+                for i in range(4)]
+    groups = engine.generate(requests, policy_version=version)
+    for g in groups:
+        g.rewards = [0.0] * len(g.completions)
+    return build_train_batch(groups, pad_id=0)
+
+
+@pytest.mark.parametrize("refit", ["merged", "adapter"])
+def test_refit_makes_vllm_sample_from_the_lora_policy(hf_dir: Path, trained: dict[str, Any], refit: str) -> None:
+    """Both refits leave vLLM's sampled-token log-probs equal to the LoRA actor's (float32), and
+    neither touches the actor's adapters (vLLM folds the scaling into B in place: it gets a copy)."""
+    from megatron_speed.config.schema import RolloutConfig
+    from megatron_speed.rollout.engine import VLLMEngine
+
+    actor = trained["actor"]
+    engine = VLLMEngine(hf_dir, RolloutConfig(n=4, max_new_tokens=8, kv_cache_gib=0.1), max_model_len=64,
+                        lora_rank=LORA.rank if refit == "adapter" else 0)
+    adapters = {n: p.detach().clone() for n, p in actor.module.named_parameters() if ".lora." in n}
+    base = _sampled(engine, 0)
+    assert ((actor.compute_logprobs(base.tokens) - base.rollout_logprobs) * base.response_mask).abs().max() > 1e-2
+    if refit == "adapter":
+        stats = engine.update_adapter(actor.export_adapter_weights(), actor.adapter_config(), version=1)
+        assert stats.tensors == 2 * 2 * 7
+    else:
+        stats = engine.update_weights(actor.export_hf_weights())
+    fresh = _sampled(engine, 1)
+    diff = ((actor.compute_logprobs(fresh.tokens) - fresh.rollout_logprobs) * fresh.response_mask).abs().max()
+    assert diff.item() < 1e-4
+    assert all(torch.equal(p.detach(), adapters[n]) for n, p in actor.module.named_parameters() if ".lora." in n)
