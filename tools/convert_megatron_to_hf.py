@@ -3,6 +3,9 @@
     python tools/convert_megatron_to_hf.py --ckpt runs/toy_cpu/checkpoints --out hf/toy_step60
     torchrun --nproc-per-node 2 tools/convert_megatron_to_hf.py --ckpt ckpt/qwen-tp2 --out hf/qwen --tp 2
 
+A LoRA trainer checkpoint (adapters only) is merged onto the base model its meta.json names;
+`--peft-out DIR` also writes the adapters as a PEFT folder.
+
 `--ckpt` is a checkpoint directory, a checkpoints folder or a run directory (the latest complete
 checkpoint is taken). The checkpoint loads at any `--tp/--pp` (dist-checkpointing reshards); the
 HF folder gets config, tokenizer files (when the source had them) and `model.safetensors`, loadable
@@ -30,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="HF folder to write (replaced atomically)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load at")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to load at")
+    parser.add_argument("--peft-out", type=Path, default=None,
+                        help="LoRA checkpoints: also write the adapters here as a PEFT folder")
     args = parser.parse_args(argv)
     return run_in_layout("convert_megatron_to_hf", args.tp, args.pp,
-                         lambda: megatron_to_hf(args.ckpt, args.out, tp=args.tp, pp=args.pp))
+                         lambda: megatron_to_hf(args.ckpt, args.out, tp=args.tp, pp=args.pp, peft_out=args.peft_out))
 
 
 if __name__ == "__main__":

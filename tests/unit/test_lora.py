@@ -163,8 +163,23 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_bit_exact(hf_dir: Path,
     keys = set(dist_checkpointing.load_tensors_metadata(str(path / "megatron")))
     model_keys = {k for k in keys if k.startswith(("decoder.", "embedding.", "output_layer."))}
     assert model_keys and all(".lora." in k for k in model_keys), sorted(model_keys)[:5]
+    merged_at_two = dict(actor.export_hf_weights())
+    adapters_at_two = {k: v.clone() for k, v in actor.export_adapter_weights()}  # exports alias live params
     after = [_train_step(actor, s) for s in (2, 3)]
     want = actor.compute_logprobs(_batch(9)[0])
+
+    # tools/convert_megatron_to_hf.py: a LoRA checkpoint is merged onto the base its meta names
+    from safetensors.torch import load_file
+
+    from megatron_speed.checkpoint.convert import megatron_to_hf
+
+    megatron_to_hf(path, tmp_path / "converted", peft_out=tmp_path / "converted_adapter")
+    converted = load_file(tmp_path / "converted" / "model.safetensors")
+    assert converted.keys() == merged_at_two.keys()
+    assert all(torch.equal(converted[k], merged_at_two[k]) for k in converted)
+    adapter = load_file(tmp_path / "converted_adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == adapters_at_two.keys()
+    assert all(torch.equal(adapter[k], adapters_at_two[k]) for k in adapter)
 
     fresh = _actor(hf_dir, distributed_optimizer=True)
     assert resume.load_checkpoint(path, actor=fresh, world_size=1) == {"step": 2}
