@@ -38,14 +38,16 @@ def run_arm(name: str, args: argparse.Namespace) -> dict[str, Any]:
     recipe, overrides = ARMS[name]
     run_name = f"bench_lora_{name}"
     cmd = [sys.executable, str(ROOT / "launch.py"), recipe, f"run.name={run_name}", f"run.steps={args.steps}",
-           f"run.output_dir={args.output_dir}", "metrics.progress_bar=false", "metrics.plot=false", *overrides]
+           f"run.output_dir={args.output_dir}", "metrics.progress_bar=false", "metrics.plot=false", *overrides,
+           *args.set]
     started = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wall = time.perf_counter() - started
     out = Path(args.output_dir) / run_name
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if r.get("step", 0) >= 3 and "time/train" in r]
+    timed = [r for r in rows if "time/train" in r]
+    steps = [r for r in timed if r["step"] >= 3] or timed  # the first steps warm caches
 
     def med(key: str) -> float:
         return statistics.median(r[key] for r in steps)
@@ -55,7 +57,8 @@ def run_arm(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "warm_start_accuracy": summary["warm_start_accuracy"], "final_accuracy": summary["final_accuracy"],
             "gain_points": summary["gain_points"], "rl_seconds": summary["seconds"],
             "step_seconds": statistics.median(sum(r[k] for k in step_keys) for r in steps),
-            "train_seconds": med("time/train"), "refit_seconds": med("refit/seconds"),
+            "train_seconds": med("time/train"), "generate_seconds": med("time/generate"),
+            "refit_seconds": med("refit/seconds"),
             "refit_bytes": med("refit/bytes"), "refit_tensors": med("refit/tensors"),
             "model_path": summary.get("model_path")}
 
@@ -89,6 +92,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     cols = [("held-out acc warm -> final", lambda r: f"{r['warm_start_accuracy']:.3f} -> {r['final_accuracy']:.3f}"),
             ("gain (pts)", lambda r: f"{r['gain_points']:+.1f}"),
             ("s / RL step", lambda r: f"{r['step_seconds']:.2f}"),
+            ("generate s", lambda r: f"{r['generate_seconds']:.2f}"),
             ("train s", lambda r: f"{r['train_seconds']:.2f}"),
             ("refit s", lambda r: f"{r['refit_seconds']:.4f}"),
             ("refit bytes", lambda r: f"{r['refit_bytes'] / 1e6:.3f} MB ({r['refit_tensors']:.0f} tensors)"),
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--output-dir", default="runs")
+    parser.add_argument("--set", nargs="*", default=[], help="extra dotted overrides for every arm, e.g. "
+                        "eval.max_prompts=128")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_lora.json"))
     args = parser.parse_args(argv)
     from megatron_speed.recipes import get_recipe
@@ -114,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         lora = get_recipe(ARMS[name][0])().model.lora
         r.update(optimizer_memory(r["model_path"], lora.rank, lora.alpha))
     record = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "steps": args.steps, "arms": results}
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "steps": args.steps, "overrides": args.set,
+              "load_average": os.getloadavg(), "arms": results}
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
