@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_speed.actor.actor import MegatronActor
-from megatron_speed.checkpoint import save_hf_folder
+from megatron_speed.checkpoint import save_hf_folder, save_peft_folder
 from megatron_speed.checkpoint.resume import checkpoint_step, discard_checkpoints, keep_metrics_until, resolve_resume
 from megatron_speed.config.base import to_dict
 from megatron_speed.config.schema import Config
@@ -63,14 +63,21 @@ class Components:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def save_hf(self, tag: str) -> Path | None:
-        """Export the policy in HF format under out_dir/hf/<tag> (rank 0 writes).
+        """Export the policy in HF format under out_dir/hf/<tag> (rank 0 writes); with LoRA the weights
+        are merged there, and the adapters alone go to out_dir/peft/<tag> as a PEFT adapter folder.
 
         The export is collective (every rank iterates it), but only the writing rank keeps the tensors,
         each copied to host memory as it arrives: no rank holds a second full model on its GPU."""
         writer = self.dims.is_main
         tensors = [(name, t.detach().to("cpu", copy=True)) for name, t in self.actor.export_hf_weights() if writer]
+        adapters = None
+        if self.cfg.model.lora.enabled:
+            adapters = [(name, t.detach().to("cpu", copy=True)) for name, t in self.actor.export_adapter_weights()
+                        if writer]
         if not writer:
             return None
+        if adapters is not None:
+            save_peft_folder(self.out_dir / "peft" / tag, adapters, self.actor.adapter_config())
         return save_hf_folder(self.out_dir / "hf" / tag, self.hf_path, tensors)
 
     def close(self) -> None:
@@ -184,8 +191,10 @@ def build(cfg: Config) -> Components:
     memory = measured_engine_memory(cfg.rollout, actor.hf_config, actor.optimizer, max_model_len=max_len)
     # The TP ranks of one engine replica must sample alike (same seed); replicas differ.
     replicas = ReplicaLayout(dims.world_size, dims.rank, cfg.rollout.tensor_parallel_size)
+    lora = cfg.model.lora
     engine = VLLMEngine(hf_path, cfg.rollout, max_model_len=max_len, world_size=dims.world_size,
-                        seed=cfg.rollout.seed + replicas.replica, rank=replicas.replica, memory=memory)
+                        seed=cfg.rollout.seed + replicas.replica, rank=replicas.replica, memory=memory,
+                        lora_rank=lora.rank if lora.enabled and lora.refit == "adapter" else 0)
     sampler = PromptSampler(train, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     parts = Components(

@@ -132,10 +132,15 @@ class Trainer:
         return stats
 
     def refit(self) -> RefitStats:
-        """Weights back, the new policy loaded in buckets, then the KV cache (vLLM's level-2 wake order)."""
-        engine = self.parts.engine
+        """Weights back, the new policy loaded in buckets, then the KV cache (vLLM's level-2 wake order).
+        With `model.lora.refit=adapter` only the LoRA adapter travels (the engine kept the base weights)."""
+        engine, actor = self.parts.engine, self.parts.actor
         engine.wake_up(["weights"])
-        refit = engine.update_weights(self.parts.actor.export_hf_weights())
+        if engine.lora_rank:
+            refit = engine.update_adapter(actor.export_adapter_weights(), actor.adapter_config(),
+                                          version=actor.version + 1)
+        else:
+            refit = engine.update_weights(actor.export_hf_weights())
         engine.wake_up(["kv_cache"])
         return refit
 

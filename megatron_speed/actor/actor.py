@@ -24,6 +24,7 @@ before the activation, so micro-batches may differ in rows (the last, smaller on
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from functools import partial
@@ -44,6 +45,7 @@ from megatron_speed.actor.batching import (
 )
 from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.actor.logprobs import position_logprobs, token_entropy, token_logprobs
+from megatron_speed.actor.lora import adapters_disabled, apply_lora
 from megatron_speed.actor.model import build_gpt_model
 from megatron_speed.actor.moe import check_trainable_layout
 from megatron_speed.actor.optimizer import build_optimizer
@@ -52,6 +54,7 @@ from megatron_speed.actor.router_metrics import RouterMetrics
 from megatron_speed.algorithms import aggregate_loss, kl_penalty, policy_objective, ppo_clip_token_loss
 from megatron_speed.algorithms.aggregation import aggregate_segments
 from megatron_speed.bridge import mapping_for
+from megatron_speed.bridge.lora import export_adapter_weights, peft_adapter_config
 from megatron_speed.bridge.weights import bare_chunks, export_hf_weights, load_hf_weights
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig, ParallelConfig
@@ -114,12 +117,13 @@ class MegatronActor:
         check_trainable_layout(self.hf_config, tp)
         self.dtype = torch.bfloat16 if model_cfg.params_dtype == "bfloat16" else torch.float32
         with cpu_megatron():
-            self.chunks = self._wrap_ddp(self._build_chunks())
+            self.chunks = self._wrap_ddp(self._build_chunks(lora=self.lora.enabled))
             self.optimizer, self.scheduler = build_optimizer(self.chunks, optim_cfg, total_steps=total_steps,
                                                              bf16=self.dtype == torch.bfloat16)
-            # The reference policy (frozen initial weights) exists only when a KL penalty needs it.
+            # The reference policy (frozen initial weights) exists only when a KL penalty needs it;
+            # with LoRA it is the base model itself, run with the adapters switched off.
             self.reference = None
-            if algorithm_cfg.kl_coef > 0:
+            if algorithm_cfg.kl_coef > 0 and not self.lora.enabled:
                 self.reference = self._build_chunks()
                 for chunk in self.reference:
                     chunk.config.finalize_model_grads_func = None
@@ -129,8 +133,13 @@ class MegatronActor:
                                if getattr(self.module.config, "num_moe_experts", None) else None)
         self.version = 0
 
-    def _build_chunks(self) -> list[torch.nn.Module]:
-        """This stage's model chunk(s) (VPP: one per virtual stage), loaded from the HF checkpoint."""
+    @property
+    def lora(self) -> Any:
+        return self.model_cfg.lora
+
+    def _build_chunks(self, *, lora: bool = False) -> list[torch.nn.Module]:
+        """This stage's model chunk(s) (VPP: one per virtual stage), loaded from the HF checkpoint;
+        with `model.lora` the base weights are frozen and adapters attached (actor/lora.py)."""
         kwargs = dict(params_dtype=self.dtype, tp=self.tp, pp=self.pp,
                       attention_backend=self.model_cfg.attention_backend, recompute=self.model_cfg.recompute,
                       first_stage_layers=self.stage_layers[0], last_stage_layers=self.stage_layers[1],
@@ -150,6 +159,9 @@ class MegatronActor:
             # unbatched path puts the two directions on different groups.
             chunk.config.batch_p2p_comm = torch.cuda.is_available()
         load_hf_weights(chunks, self.mapping, self.hf_path)
+        if lora:
+            for chunk in chunks:
+                apply_lora(chunk, self.lora, self.hf_config, dtype=self.dtype)
         if self.dtype == torch.bfloat16:
             from megatron.core.transformer.module import Float16Module
 
@@ -289,17 +301,20 @@ class MegatronActor:
 
         `mask` (optional, [N, S-1]) lets dynamic batching trim rows after their last masked token; the
         log-probs past it are then 0."""
-        chunks = self.reference if reference else self.chunks
+        # The reference policy: its own frozen copy, or with LoRA the base model (adapters switched off).
+        chunks = self.reference if reference and self.reference is not None else self.chunks
         for chunk in chunks:
             chunk.eval()
+        base_only = adapters_disabled(chunks) if reference and self.reference is None else contextlib.nullcontext()
         if self.optim_cfg.pack_sequences:
-            return self._packed_logprobs(tokens, mask, chunks)
+            with base_only:
+                return self._packed_logprobs(tokens, mask, chunks)
         ps = _ps()
         rows = self._local_rows(tokens.shape[0])
         local_mask = mask[rows] if mask is not None else None
         zeros = torch.zeros(rows.stop - rows.start, tokens.shape[1] - 1, device=tokens.device)
         mbs = self._micro_batches(tokens[rows], local_mask, zeros, zeros, zeros)
-        with cpu_megatron():
+        with cpu_megatron(), base_only:
             out = self._run_schedule(mbs, train=False, model=chunks)
         local = scatter_rows([(mb.rows, o["logprobs"]) for mb, o in zip(mbs, out)], zeros)
         if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -347,7 +362,7 @@ class MegatronActor:
         the returned "lr" is the mean LR the step's updates used."""
         stats: dict[str, float] = {}
         size = self.optim_cfg.mini_batch_size
-        ref = self.compute_logprobs(tokens, reference=True, mask=mask) if self.reference is not None else None
+        ref = self.compute_logprobs(tokens, reference=True, mask=mask) if self.algorithm_cfg.kl_coef > 0 else None
         for chunk in self.chunks:
             chunk.train()
         for start in range(0, tokens.shape[0], size):
@@ -404,5 +419,25 @@ class MegatronActor:
 
     # --- weights out ------------------------------------------------------------------------------
     def export_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream the policy as HF-named full tensors (collective: every rank iterates it to the end)."""
+        """Stream the policy as HF-named full tensors (collective: every rank iterates it to the end);
+        with LoRA the weights are merged (W + scaling * B A)."""
         return export_hf_weights(self.chunks, self.mapping)
+
+    def export_adapter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream the LoRA adapters as PEFT-named full tensors (collective, like `export_hf_weights`)."""
+        return export_adapter_weights(self.chunks)
+
+    def adapter_config(self) -> dict[str, Any]:
+        """The PEFT `adapter_config.json` of this actor's adapters (base model: the HF folder it loaded)."""
+        lora = self.lora
+        return peft_adapter_config(base_model=str(self.hf_path.resolve()), rank=lora.rank, alpha=lora.alpha,
+                                   dropout=lora.dropout, targets=lora.targets)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint must record beside the shards: with LoRA, the adapter shape and the base
+        model the adapters apply to (the checkpoint holds adapters and their optimizer state only)."""
+        if not self.lora.enabled:
+            return {}
+        lora = self.lora
+        return {"base_model": str(self.hf_path.resolve()), "lora": {"rank": lora.rank, "alpha": lora.alpha,
+                                                                     "targets": list(lora.targets)}}

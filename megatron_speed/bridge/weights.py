@@ -71,17 +71,27 @@ def _expert_offset(chunk: torch.nn.Module) -> int:
     return ps.get_expert_model_parallel_rank() * _local_experts(chunk)
 
 
-def _global_params(chunk: torch.nn.Module, mapping: FamilyMapping) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """(global megatron name, local parameter) for one chunk: layer indices shifted by the stage offset,
-    local expert indices by the expert-parallel rank's offset."""
+def named_global_params(chunk: torch.nn.Module, mapping: FamilyMapping | None = None, *,
+                        adapters: bool = False) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
+    """(local name, global megatron name, parameter) for one chunk: layer indices shifted by the stage
+    offset, with `mapping` local expert indices by the expert-parallel rank's offset. Base weights, or
+    with `adapters` the LoRA adapter tensors (`actor/lora.py` marks them)."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     offset = get_transformer_layer_offset(chunk.config, vp_stage=getattr(chunk, "vp_stage", None))
     experts = _expert_offset(chunk)
     for name, param in chunk.named_parameters():
-        name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
-        if experts and mapping.is_expert(name):
-            name = mapping.with_expert_index(name, mapping.expert_index(name) + experts)
+        if bool(getattr(param, "is_lora", False)) != adapters:
+            continue
+        global_name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
+        if experts and mapping is not None and mapping.is_expert(global_name):
+            global_name = mapping.with_expert_index(global_name, mapping.expert_index(global_name) + experts)
+        yield name, global_name, param
+
+
+def _global_params(chunk: torch.nn.Module, mapping: FamilyMapping | None = None, *,
+                   adapters: bool = False) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    for _, name, param in named_global_params(chunk, mapping, adapters=adapters):
         yield name, param
 
 
@@ -91,6 +101,10 @@ def _is_tied_copy(chunk: torch.nn.Module, name: str) -> bool:
 
 def _is_glu(mapping: FamilyMapping, name: str) -> bool:
     return mapping.kind(name) == "gate_up"
+
+
+def _is_expert(mapping: FamilyMapping | None, name: str) -> bool:
+    return mapping is not None and mapping.is_expert(name)
 
 
 def _tp(expert: bool = False) -> tuple[int, int, Any]:
@@ -160,14 +174,22 @@ def load_hf_weights(model: Chunks, mapping: FamilyMapping, hf: Path | Mapping[st
                 param.copy_(shard)
 
 
-def _gather_tp(param: torch.Tensor, glu: bool, expert: bool = False) -> torch.Tensor:
-    """The full tensor of a TP-sharded parameter (all_gather in the TP group, GLU interleave undone)."""
+def _local_value(param: torch.nn.Parameter) -> torch.Tensor:
+    """A base weight as the policy uses it: with a LoRA adapter (`actor/lora.py`), W + scaling * B A."""
+    delta = getattr(param, "lora_delta", None)
+    return param.detach() if delta is None else (param.detach().float() + delta()).to(param.dtype)
+
+
+def _gather_tp(param: torch.Tensor, glu: bool, expert: bool = False, value: torch.Tensor | None = None) -> torch.Tensor:
+    """The full tensor of a TP-sharded parameter (all_gather in the TP group, GLU interleave undone);
+    `value` replaces the parameter's data (same shape and sharding), e.g. a merged LoRA weight."""
     size, _, group = _tp(expert)
+    value = param.detach() if value is None else value
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
-        return param.detach()
+        return value
     dim = param.partition_dim
-    parts = [torch.empty_like(param) for _ in range(size)]
-    dist.all_gather(parts, param.detach().contiguous(), group=group)
+    parts = [torch.empty_like(value) for _ in range(size)]
+    dist.all_gather(parts, value.contiguous(), group=group)
     if glu:  # each part is [gate_shard; up_shard]
         halves = [torch.chunk(p, 2, dim=dim) for p in parts]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
@@ -183,7 +205,7 @@ def _export_order(name: str) -> tuple[int, int]:
 
 
 def _pp_index(local: dict[str, tuple[torch.nn.Module, torch.nn.Parameter]],
-              mapping: FamilyMapping) -> list[tuple[str, int, Any]]:
+              mapping: FamilyMapping | None) -> list[tuple[str, int, Any]]:
     """Every parameter of the whole pipeline as (global name, owning stage, (shape, dtype)), the same
     list on every rank: each stage announces what it owns via all_gather_object in the PP group.
     Expert tensors appear once per local slot (see `_export_slots`)."""
@@ -191,7 +213,7 @@ def _pp_index(local: dict[str, tuple[torch.nn.Module, torch.nn.Parameter]],
 
     mine = []
     for name, (_, param) in local.items():
-        size, _, _ = _tp(mapping.is_expert(name))
+        size, _, _ = _tp(_is_expert(mapping, name))
         shape = list(param.shape)
         if size > 1 and getattr(param, "tensor_model_parallel", False):
             shape[param.partition_dim] *= size
@@ -250,12 +272,33 @@ def export_hf_weights(model: Chunks, mapping: FamilyMapping) -> Iterator[tuple[s
     from megatron.core import parallel_state as ps
 
     local = _export_slots(model, mapping)
+    ep = ps.get_expert_model_parallel_world_size()
+    for name, full in stream_full_tensors(local, mapping):
+        if not mapping.is_expert(name):
+            yield from mapping.to_hf(name, full)
+            continue
+        per_rank = _experts_per_rank(local, name)
+        for ep_rank in range(ep):  # slot j of EP rank r is global expert r * experts_per_rank + j
+            global_name = mapping.with_expert_index(name, ep_rank * per_rank + mapping.expert_index(name))
+            yield from mapping.to_hf(global_name, full[ep_rank])
+
+
+def stream_full_tensors(local: dict[str, tuple[torch.nn.Module, torch.nn.Parameter]],
+                        mapping: FamilyMapping | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(global megatron name, FULL tensor) for every parameter of the pipeline, in the same order on
+    every rank (collective): the owning stage gathers the TP shards and broadcasts to the others. With
+    the family `mapping`, GLU weights come un-interleaved and an expert slot as [EP, *shape], the slot
+    of every expert-parallel rank; without it (LoRA adapters) every tensor is a plain TP-split one."""
+    from megatron.core import parallel_state as ps
+
     pp_rank, pp_group = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_group()
     ep = ps.get_expert_model_parallel_world_size()
     for name, stage, (shape, dtype) in _pp_index(local, mapping):
-        expert = mapping.is_expert(name)
+        expert = _is_expert(mapping, name)
         if stage == pp_rank:
-            full = _gather_tp(local[name][1], _is_glu(mapping, name), expert)
+            param = local[name][1]
+            glu = mapping is not None and _is_glu(mapping, name)
+            full = _gather_tp(param, glu, expert, _local_value(param))
             if expert:
                 full = _gather_ep(full)
         else:
@@ -264,10 +307,4 @@ def export_hf_weights(model: Chunks, mapping: FamilyMapping) -> Iterator[tuple[s
         if ps.get_pipeline_model_parallel_world_size() > 1:
             full = full.contiguous()
             dist.broadcast(full, src=dist.get_global_rank(pp_group, stage), group=pp_group)
-        if not expert:
-            yield from mapping.to_hf(name, full)
-            continue
-        per_rank = _experts_per_rank(local, name)
-        for ep_rank in range(ep):  # slot j of EP rank r is global expert r * experts_per_rank + j
-            global_name = mapping.with_expert_index(name, ep_rank * per_rank + mapping.expert_index(name))
-            yield from mapping.to_hf(global_name, full[ep_rank])
+        yield name, full

