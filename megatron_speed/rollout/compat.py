@@ -38,6 +38,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -58,11 +59,16 @@ def engine_kwargs(cfg: RolloutConfig, *, max_model_len: int, world_size: int, se
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "max_model_len": max_model_len,
         "tensor_parallel_size": cfg.tensor_parallel_size,
-        "distributed_executor_backend": "uni" if world_size == 1 else "external_launcher",
+        # `uni` would put a single engine on device 0; a disaggregated engine rank sits on its LOCAL_RANK.
+        "distributed_executor_backend": "uni" if world_size == 1 and _local_rank() == 0 else "external_launcher",
         "enable_sleep_mode": supports_sleep(),
         "logprobs_mode": "processed_logprobs",
         "seed": seed,
     }
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else 0
 
 
 def sleep(llm: Any) -> None:
