@@ -7,18 +7,21 @@ held-out accuracy (warm start -> final), achieved overlap, idle time on both sid
 of the trained samples and the median per-phase seconds a projection needs.
 
     python tools/bench_async.py --steps 30 --out runs/bench_async.json
+
+The toy model's warm start is built (or reused) under `<runs>/cache`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +48,7 @@ def run_arm(name: str, recipe: str, overrides: list[str], out_dir: Path) -> dict
             "warm_accuracy": summary["warm_start_accuracy"], "final_accuracy": summary["final_accuracy"],
             "overlap_fraction": overlap / busy if busy else 0.0, "staleness_mean": sum(ages) / max(len(ages), 1),
             "median_step_seconds": statistics.median(
-                b["time/rl_seconds"] - a["time/rl_seconds"] for a, b in zip(later, later[1:])) if len(later) > 1
+                b["time/rl_seconds"] - a["time/rl_seconds"] for a, b in itertools.pairwise(later)) if len(later) > 1
             else 0.0, "median": median}
 
 
@@ -54,11 +57,12 @@ def main() -> None:
     parser.add_argument("--recipe", default="toy_cpu_speed_js")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--staleness", type=int, default=1)
+    parser.add_argument("--eval-prompts", type=int, default=512, help="held-out prompts (eval.max_prompts)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_async.json")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench_async")
     args = parser.parse_args()
-    common = [f"run.steps={args.steps}", f"eval.every={args.steps}", "metrics.progress_bar=false",
-              "metrics.plot=false"]
+    common = [f"run.steps={args.steps}", f"eval.every={args.steps}", f"eval.max_prompts={args.eval_prompts}",
+              "metrics.progress_bar=false", "metrics.plot=false"]
     arms = [run_arm("colocated", args.recipe, common, args.runs),
             run_arm("disaggregated", args.recipe, [*common, "rollout.placement=disaggregated", "rollout.num_ranks=1",
                                                     f"rollout.max_staleness={args.staleness}"], args.runs)]
@@ -72,7 +76,7 @@ def main() -> None:
     for a in arms:
         print(f"  {a['arm']:<14}" + "  ".join(f"{k.split('/')[-1]}={v:.2f}" for k, v in a["median"].items()))
     record = {"machine": f"{platform.processor() or platform.machine()}, {platform.node()}",
-              "date": datetime.now(timezone.utc).isoformat(timespec="minutes"), "recipe": args.recipe,
+              "date": datetime.now(UTC).isoformat(timespec="minutes"), "recipe": args.recipe,
               "steps": args.steps, "max_staleness": args.staleness, "arms": arms}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))

@@ -18,6 +18,7 @@ single boxed number so that math-verify grades it exactly like a real math answe
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -117,10 +118,16 @@ def make_problems(cfg: ToyTaskConfig, split: Literal["train", "eval"]) -> list[P
 
 
 def write_jsonl(records: Iterable[PromptRecord], path: Path) -> Path:
-    """Write `records` as jsonl rows {id, prompt, answer, source}, the schema the readers take."""
+    """Write `records` as jsonl rows {id, prompt, answer, source}, the schema the readers take.
+
+    Atomically (a temporary file, then a rename): every rank of a run writes the same splits, and a
+    rank reading the file while another rewrites it must see a whole file, never a torn one (seen:
+    2017 of 20000 rows read, the ranks' samplers diverged)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps({"id": r.uid, "prompt": r.prompt, "answer": r.answer, "source": r.source}) + "\n")
+    os.replace(tmp, path)
     return path

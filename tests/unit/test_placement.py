@@ -26,7 +26,7 @@ def test_placement_config_rules_name_the_key() -> None:
         RolloutConfig(num_ranks=2)
     with pytest.raises(ConfigError, match=r"num_ranks \(3\) must be a multiple of rollout.tensor_parallel_size"):
         RolloutConfig(placement="disaggregated", num_ranks=3, tensor_parallel_size=2)
-    with pytest.raises(ConfigError, match="algorithm.tis_cap"):
+    with pytest.raises(ConfigError, match=r"algorithm\.tis_cap"):
         load_config("toy_cpu", ["algorithm.tis_cap=2"])  # folded into algorithm.is_correction=tis
     cfg = load_config("toy_cpu", ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.max_staleness=2"])
     assert cfg.rollout.max_staleness == 2
