@@ -100,8 +100,8 @@ class TrainerSide:
         self.leader = parts.dims.is_main
         self.refits = 0
         self.state: dict[str, Any] | None = None  # the last delivery's rollout state
-        self.busy: list[Span] = []  # this side's train + refit spans, for the overlap figure
-        self.idle = 0.0  # seconds waited for the engines since the last step's log
+        self.busy: list[Span] = []  # the actor's spans of work on a batch (up to its refit), for the overlap
+        self.idle = 0.0  # seconds waited for the engines (a batch, a refit's start) since the last step's log
         self._busy_from = 0.0
 
     def _post(self, key: str, value: Any) -> None:
@@ -135,15 +135,13 @@ class TrainerSide:
             self._post(f"eval_request/{version}", version)
         self._post(f"refit/{self.refits}", version)
         started = time.time()
+        if self._busy_from:  # the actor's work on this batch (advantages, train) ends here
+            self.busy = [*self.busy[-7:], (self._busy_from, started)]
         self.link.take(f"refit_ack/{self.refits}")
         self.idle += time.time() - started
         cfg = self.parts.cfg.rollout
-        stats = send_weights(self.parts.actor.export_hf_weights(), self.link.weights,
-                             bucket_bytes=int(cfg.refit_bucket_mb * 2**20), device=self.link.weights_device)
-        if self._busy_from:
-            self.busy.append((self._busy_from, time.time()))
-            self.busy = self.busy[-8:]
-        return stats
+        return send_weights(self.parts.actor.export_hf_weights(), self.link.weights,
+                            bucket_bytes=int(cfg.refit_bucket_mb * 2**20), device=self.link.weights_device)
 
     def evaluate(self, version: int, run: Callable[[], Any]) -> Any:
         if not self.link.has(f"eval_request/{version}"):
