@@ -33,12 +33,15 @@ class SampleRequest:
 
 @dataclass(frozen=True, kw_only=True)
 class Completion:
-    """One sampled response: token ids and the engine's log-prob of each sampled token."""
+    """One sampled response: token ids, the engine's log-prob of each sampled token, and the policy
+    version (actor steps) of the weights that sampled it: a group merged over generation calls
+    (SPEED's screening + continuation) holds samples of more than one version."""
 
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     text: str
     finish_reason: str  # "stop" (end-of-sequence) or "length" (hit max_new_tokens)
+    policy_version: int = 0
 
 
 @dataclass(kw_only=True)
@@ -47,7 +50,8 @@ class RolloutGroup:
 
     `phase` says why the prompt was sampled ("train", "screen", "continue", "eval"); the curriculum
     uses it instead of guessing from the group size. `policy_version` is the actor step whose
-    weights generated the group.
+    weights generated the group (the oldest, when its samples span versions: see
+    `Completion.policy_version`).
     """
 
     prompt: PromptRecord
@@ -60,6 +64,11 @@ class RolloutGroup:
     @property
     def pass_rate(self) -> float:
         return sum(r > 0 for r in self.rewards) / max(len(self.rewards), 1)
+
+    @property
+    def sample_versions(self) -> list[int]:
+        """The policy version of each completion, in order."""
+        return [c.policy_version for c in self.completions]
 
 
 @dataclass(kw_only=True)
@@ -78,11 +87,17 @@ class TrainBatch:
     rewards: torch.Tensor  # [N] float32
     group_offsets: torch.Tensor  # [G+1] int64
     uids: list[str]  # [G]
+    versions: torch.Tensor | None = None  # [N] int64, the policy version that sampled each row
 
     def to(self, device: torch.device | str) -> TrainBatch:
         """The same batch with its tensors on `device` (the trainer moves it to the GPU when present)."""
         tensors = ("tokens", "response_mask", "rollout_logprobs", "rewards", "group_offsets")
-        return TrainBatch(**{k: getattr(self, k).to(device) for k in tensors}, uids=list(self.uids))
+        return TrainBatch(**{k: getattr(self, k).to(device) for k in tensors}, uids=list(self.uids),
+                          versions=self.versions)
+
+    def staleness(self, version: int) -> list[int]:
+        """Per row: how many policy versions the sample is older than `version` (the weights it trains)."""
+        return [] if self.versions is None else [version - int(v) for v in self.versions]
 
     @property
     def num_sequences(self) -> int:

@@ -41,10 +41,12 @@ class Components:
     dims: ParallelDims
     out_dir: Path
     hf_path: Path
-    engine: VLLMEngine
-    actor: MegatronActor
-    rewards: RewardPool
-    curriculum: Curriculum
+    # Disaggregated placement: trainer ranks have no engine, grader pool or curriculum, and engine
+    # ranks no actor (`dims.role`); colocated ranks hold all of them.
+    engine: VLLMEngine | None
+    actor: MegatronActor | None
+    rewards: RewardPool | None
+    curriculum: Curriculum | None
     logger: MetricsLogger
     eval_records: list[PromptRecord]
     pad_id: int
@@ -83,7 +85,8 @@ class Components:
     def close(self) -> None:
         if self.stop is not None:
             self.stop.restore()
-        self.rewards.close()
+        if self.rewards is not None:
+            self.rewards.close()
         self.logger.close()
 
 
@@ -99,11 +102,14 @@ def clear_previous_run(out_dir: Path) -> None:
             path.unlink()
 
 
-def _on_main_first(dims: ParallelDims, fn: Any) -> Any:
-    """Run `fn` on rank 0, then on the others (who find its cached result)."""
+def _on_main_first(dims: ParallelDims, fn: Any, name: str) -> Any:
+    """Run `fn` on rank 0, then on the others (who find its cached result); `name` labels the barrier,
+    which spans both sides of a disaggregated world."""
     if dims.is_main:
         result = fn()
-    if dims.world_size > 1:
+    if dims.spanning is not None:
+        dims.spanning.barrier(name)
+    elif dims.world_size > 1:
         dist.barrier()
     return result if dims.is_main else fn()
 
@@ -160,18 +166,21 @@ def read_split(paths: tuple[str, ...], cfg: Config, tokenizer: Any, *, max_promp
 
 def build(cfg: Config) -> Components:
     check_paths(cfg)  # a missing model folder or prompt file stops here, before any process group
-    dims = init_parallel(cfg.parallel, seed=cfg.run.seed)
+    disaggregated = cfg.rollout.placement == "disaggregated"
+    dims = init_parallel(cfg.parallel, seed=cfg.run.seed, engine_ranks=cfg.rollout.num_ranks if disaggregated else 0)
     out_dir = Path(cfg.run.output_dir) / cfg.run.name
     resume_from = resolve_resume(cfg.run.resume, out_dir)
     if dims.is_main and resume_from is None:
         clear_previous_run(out_dir)
         discard_checkpoints(out_dir)
     elif dims.is_main:  # a resumed run appends to its logs, minus what it will redo
-        keep_metrics_until(out_dir / "metrics.jsonl", checkpoint_step(resume_from))
+        for log_file in ("metrics.jsonl", "trained.jsonl"):
+            keep_metrics_until(out_dir / log_file, checkpoint_step(resume_from))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    hf_path = _on_main_first(dims, lambda: prepare_model(cfg))
-    train_files, eval_files = _on_main_first(dims, lambda: prepare_data(cfg, out_dir))
+    if dims.is_main:
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    hf_path = _on_main_first(dims, lambda: prepare_model(cfg), "model")
+    train_files, eval_files = _on_main_first(dims, lambda: prepare_data(cfg, out_dir), "data")
     from transformers import AutoConfig, AutoTokenizer
 
     max_len = int(AutoConfig.from_pretrained(hf_path).max_position_embeddings)
@@ -181,28 +190,33 @@ def build(cfg: Config) -> Components:
     train = read_split(train_files, cfg, tokenizer, max_prompt_tokens=limit, name="train", counts=counts)
     held_out = read_split((*eval_files, *resolve_files(cfg.eval)), cfg, tokenizer, max_prompt_tokens=limit,
                           name="heldout", counts=counts)
+    rollout_here, actor_here = dims.role != "trainer", dims.role != "engine"
     # The actor first: on a GPU the engine then takes its share of what the actor left free
     # (memory/runtime.py) instead of a fixed fraction of the device that the actor may not fit beside.
     actor = MegatronActor(hf_path, model_cfg=cfg.model, optim_cfg=cfg.optim, algorithm_cfg=cfg.algorithm,
                           temperature=cfg.rollout.temperature, horizon=cfg.rollout.max_new_tokens,
                           total_steps=cfg.schedule_steps, tp=dims.tp, pp=dims.pp,
                           first_stage_layers=cfg.parallel.num_layers_in_first_pipeline_stage,
-                          last_stage_layers=cfg.parallel.num_layers_in_last_pipeline_stage)
-    memory = measured_engine_memory(cfg.rollout, actor.hf_config, actor.optimizer, max_model_len=max_len)
+                          last_stage_layers=cfg.parallel.num_layers_in_last_pipeline_stage) if actor_here else None
+    memory = measured_engine_memory(cfg.rollout, actor.hf_config, actor.optimizer, max_model_len=max_len) \
+        if actor is not None and rollout_here else None
     # The TP ranks of one engine replica must sample alike (same seed); replicas differ.
     replicas = ReplicaLayout(dims.world_size, dims.rank, cfg.rollout.tensor_parallel_size)
     lora = cfg.model.lora
+    adapter_rank = lora.rank if lora.enabled and lora.refit == "adapter" else 0  # vLLM serves the adapter itself
     engine = VLLMEngine(hf_path, cfg.rollout, max_model_len=max_len, world_size=dims.world_size,
                         seed=cfg.rollout.seed + replicas.replica, rank=replicas.replica, memory=memory,
-                        lora_rank=lora.rank if lora.enabled and lora.refit == "adapter" else 0)
+                        lora_rank=adapter_rank) if rollout_here else None
     sampler = PromptSampler(train, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lag = cfg.rollout.max_staleness if disaggregated else 0
     parts = Components(
         cfg=cfg, dims=dims, out_dir=out_dir, hf_path=hf_path, engine=engine, actor=actor,
-        rewards=RewardPool(cfg.rewards.grader, cfg.rewards.num_workers, cfg.rewards.timeout_seconds),
-        curriculum=build_curriculum(cfg.curriculum, sampler, n=cfg.rollout.n),
+        rewards=RewardPool(cfg.rewards.grader, cfg.rewards.num_workers, cfg.rewards.timeout_seconds)
+        if rollout_here else None,
+        curriculum=build_curriculum(cfg.curriculum, sampler, n=cfg.rollout.n, max_lag=lag) if rollout_here else None,
         # metrics.jsonl is rank 0's; the other ranks keep theirs under ranks/ (same numbers, for debugging)
-        logger=MetricsLogger(out_dir if dims.is_main else out_dir / "ranks" / f"rank{dims.rank}",
+        logger=MetricsLogger(out_dir if dims.is_main else out_dir / "ranks" / f"rank{dims.global_rank}",
                              tensorboard=cfg.metrics.tensorboard and dims.is_main,
                              progress_bar=cfg.metrics.progress_bar and dims.is_main,
                              total_steps=cfg.run.steps + 1,

@@ -17,17 +17,17 @@ from typing import Any
 import torch
 
 from megatron_speed.algorithms import ESTIMATORS, broadcast_to_tokens, js_shrinkage, overlong_penalty
-from megatron_speed.algorithms.losses import truncated_is_weights
+from megatron_speed.algorithms.corrections import CORRECTIONS
 from megatron_speed.checkpoint.resume import checkpoints_root, load_checkpoint, save_checkpoint
 from megatron_speed.config.schema import AlgorithmConfig
 from megatron_speed.curriculum.batch import build_train_batch
-from megatron_speed.evaluate import run_eval
+from megatron_speed.evaluate import EvalReport, run_eval
 from megatron_speed.kernels import js_token_advantages_from_lengths, response_spans
 from megatron_speed.metrics import PhaseTimer
 from megatron_speed.metrics.summary import rollout_metrics, train_metrics
-from megatron_speed.records import RolloutGroup, TrainBatch
+from megatron_speed.records import TrainBatch
 from megatron_speed.rewards.scoring import score_groups
-from megatron_speed.rollout.buckets import RefitStats
+from megatron_speed.rollout.placement import Colocated, Delivery, EngineSide, TrainerSide
 from megatron_speed.rollout.replicas import score_and_gather
 from megatron_speed.setup import Components
 
@@ -67,51 +67,93 @@ class Trainer:
         self.eval_scalars: dict[str, float] = {}  # the latest evaluation's metrics (evaluate.py)
         self.warm = 0.0  # held-out accuracy before RL (restored on resume)
         self.stop_step = parts.cfg.run.steps  # the last step this process runs (see fit's stop_after)
+        self.rollout_timer = PhaseTimer()  # generate/score: timed where the rollout runs, shipped with the batch
+        self.resumed_rollout: dict[str, Any] | None = None  # curriculum + engine calls of the checkpoint
+        self.rollout = make_placement(parts, produce=self.produce, evaluate=self.run_eval)
+
+    @property
+    def engine_version(self) -> int:
+        """The policy version of the weights this rank's engine generates with."""
+        p = self.parts
+        return self.rollout.version if p.dims.role == "engine" else p.actor.version  # type: ignore[union-attr]
 
     def fit(self, stop_after: int | None = None) -> RunSummary:
         """Train to `run.steps`; `stop_after` pauses this process after that many steps (a job's time
-        slice: a checkpoint is written at the pause when `run.save_every` is on, no final evaluation)."""
+        slice: a checkpoint is written at the pause when `run.save_every` is on, no final evaluation).
+
+        The rollout half (`produce`: generate -> score -> curriculum) runs inside `rollout.next_batch`
+        when colocated, and on the engine ranks (`serve`) when disaggregated (rollout/placement.py)."""
         p, cfg = self.parts, self.cfg
+        if p.dims.role == "engine":
+            return self.serve()
         self.started = time.perf_counter()
         step = self.resume(p.resume_from) if p.resume_from is not None else 0
+        self.rollout.begin(step, self.resumed_rollout)
         if p.resume_from is None:
             self.warm = self.evaluate()
             p.logger.log(0, {**self.eval_scalars, **p.data_metrics})
-        groups, faults = [], Counter()
         self.stop_step = cfg.run.steps if stop_after is None else min(cfg.run.steps, step + stop_after)
         while step < self.stop_step and not self._out_of_time():
-            with self.timer("generate"):  # this engine replica's share of the call (all of it on one rank)
-                mine = p.engine.generate(p.replicas.local(p.curriculum.plan()), policy_version=p.actor.version)
-            with self.timer("score"):  # each replica grades its share once; every rank then gets all groups
-                call, call_faults = score_and_gather(p.replicas, mine, lambda g: score_groups(p.rewards, g))
-            faults.update(call_faults)
-            groups += call  # everything generated for this step, over one or more calls
-            train_groups = p.curriculum.update(call)
-            if train_groups is None:
-                continue  # not enough finished groups yet; generate again
+            ready = self.rollout.next_batch()  # generate -> score -> curriculum, here or on the engine ranks
+            if ready is None:
+                break  # out of time between generation calls
             step += 1
-            batch = build_train_batch(train_groups, pad_id=p.pad_id).to(p.device)
+            batch = build_train_batch(ready.groups, pad_id=p.pad_id).to(p.device)
             with self.timer("advantages"):
                 advantages, adv_stats = compute_advantages(batch, cfg.algorithm, horizon=cfg.rollout.max_new_tokens)
-            with self.timer("sleep"):  # free the KV cache and weights while the actor trains (no-op on CPU)
-                p.engine.sleep()
+            with self.timer("sleep"):  # colocated: free the KV cache and weights while the actor trains
+                self.rollout.before_train()
             with self.timer("train"):
                 stats = {**self.train_step(batch, advantages), **adv_stats}
             with self.timer("refit"):
-                stats.update(self.refit().metrics())
-            self.log(step, groups, train_groups, batch, stats, dict(faults))
-            stop = p.stop is not None and p.stop.requested()  # SIGTERM on any rank: save this step, leave
+                stats.update(self.rollout.refit(evaluate=self._eval_due(step)).metrics())
+            self.log(step, ready, batch, stats)
+            stop = p.stop is not None and p.stop.requested()  # SIGTERM on any trainer rank: save this step, leave
             self.maybe_save(step, force=stop)
-            groups, faults = [], Counter()
             if stop:
                 break
         if step < cfg.run.steps and not self._out_of_time():  # paused (stop_after, SIGTERM): not over
+            self.rollout.end()
             return self.summary(step, final=self.curve[-1][1])
         final = self.curve[-1][1] if self.last_eval_step == step else self.evaluate()
         if self.last_eval_step != step:
             p.logger.log(step, self.eval_scalars)
+        self.rollout.end()
         self.save_hf("final")
         return self.summary(step, final=final)
+
+    def produce(self) -> Delivery | None:
+        """The rollout half of a step: generation calls until the curriculum emits a training batch
+        (None when the run is out of time between calls; a disaggregated engine never is)."""
+        p, timer = self.parts, self.rollout_timer
+        groups, faults, busy = [], Counter(), []
+        while True:
+            started = time.time()
+            with timer("generate"):  # this engine replica's share of the call (all of it on one rank)
+                mine = p.engine.generate(p.replicas.local(p.curriculum.plan()), policy_version=self.engine_version)
+            with timer("score"):  # each replica grades its share once; every rank then gets all groups
+                call, call_faults = score_and_gather(p.replicas, mine, lambda g: score_groups(p.rewards, g))
+            busy.append((started, time.time()))
+            faults.update(call_faults)
+            groups += call  # everything generated for this step, over one or more calls
+            train_groups = p.curriculum.update(call)
+            if train_groups is not None:
+                times = timer.pop()
+                scalars = {**rollout_metrics(groups, times), **dict(faults), **times, **p.curriculum.metrics()}
+                return Delivery(index=p.actor.version + 1 if p.actor is not None else 0, groups=train_groups,
+                                scalars=scalars, engine_busy=busy)
+            if p.dims.role == "colocated" and self._out_of_time():
+                return None  # not enough finished groups yet, and no time to generate again
+
+    def serve(self) -> RunSummary:
+        """An engine rank of a disaggregated run: the rollout half of the loop, batch after batch, handed
+        to the trainer ranks; new weights and evaluations are taken between generation calls."""
+        side: EngineSide = self.rollout  # type: ignore[assignment]
+        side.begin()
+        while side.turn():
+            side.deliver(self.produce())  # type: ignore[arg-type]
+        return RunSummary(steps=side.delivered, seconds=0.0, eval_seconds=0.0, warm_start_accuracy=0.0,
+                          final_accuracy=0.0, accuracy_curve=[])
 
     def summary(self, step: int, *, final: float) -> RunSummary:
         return RunSummary(steps=step, seconds=self._rl_seconds(), eval_seconds=self.eval_seconds,
@@ -121,28 +163,27 @@ class Trainer:
                           stopped_by_signal=self.parts.stop is not None and self.parts.stop.stopped)
 
     def train_step(self, batch: TrainBatch, token_adv: torch.Tensor) -> dict[str, float]:
-        """Recompute old log-probs with the actor, then PPO-clip updates over the batch."""
-        actor, cap = self.parts.actor, self.cfg.algorithm.tis_cap
+        """Recompute old (proximal) log-probs with the actor, correct for the engine's sampling
+        (`algorithm.is_correction`), then PPO-clip updates over the batch."""
+        actor = self.parts.actor
+        ages = self._check_staleness(batch)
         old_logprobs = actor.compute_logprobs(batch.tokens, mask=batch.response_mask)
-        stats = _mismatch(old_logprobs, batch.rollout_logprobs, batch.response_mask)
-        if cap:
-            token_adv, tis_stats = tis_advantages(token_adv, old_logprobs, batch, cap=cap)
-            stats.update(tis_stats)
+        stats = mismatch_by_age(old_logprobs, batch.rollout_logprobs, batch.response_mask, ages)
+        if self.cfg.algorithm.is_correction != "none":
+            token_adv, is_stats = corrected_advantages(token_adv, old_logprobs, batch, self.cfg.algorithm)
+            stats.update(is_stats)
         stats.update(actor.train_step(batch.tokens, batch.response_mask, old_logprobs, token_adv))
         return stats
 
-    def refit(self) -> RefitStats:
-        """Weights back, the new policy loaded in buckets, then the KV cache (vLLM's level-2 wake order).
-        With `model.lora.refit=adapter` only the LoRA adapter travels (the engine kept the base weights)."""
-        engine, actor = self.parts.engine, self.parts.actor
-        engine.wake_up(["weights"])
-        if engine.lora_rank:
-            refit = engine.update_adapter(actor.export_adapter_weights(), actor.adapter_config(),
-                                          version=actor.version + 1)
-        else:
-            refit = engine.update_weights(actor.export_hf_weights())
-        engine.wake_up(["kv_cache"])
-        return refit
+    def _check_staleness(self, batch: TrainBatch) -> list[int]:
+        """Each row's age in policy versions; with `rollout.max_staleness` >= 1 none may exceed it (the
+        engines and the curriculum keep to it; this guards the invariant)."""
+        ages = batch.staleness(self.parts.actor.version)
+        limit = self.cfg.rollout.max_staleness
+        if limit and ages and max(ages) > limit:
+            raise RuntimeError(f"a batch for policy version {self.parts.actor.version} holds a sample {max(ages)} "
+                               f"versions old, over rollout.max_staleness={limit}")
+        return ages
 
     def evaluate(self) -> float:
         """Held-out evaluation per set: greedy accuracy, plus avg@k/pass@k when `eval.k` >= 1.
@@ -153,8 +194,7 @@ class Trainer:
         """
         p = self.parts
         started = time.perf_counter()
-        report = run_eval(p.engine, p.rewards, p.eval_records, self.cfg.eval, policy_version=p.actor.version,
-                          replicas=p.replicas)
+        report = self.rollout.evaluate(p.actor.version, lambda: self.run_eval(p.actor.version))
         self.eval_seconds += time.perf_counter() - started
         if p.dims.is_main:
             path = p.out_dir / "eval" / f"step_{p.actor.version:06d}.json"
@@ -168,32 +208,52 @@ class Trainer:
             self.set_curves.setdefault(name, []).append((now, value))
         return acc
 
+    def run_eval(self, version: int) -> EvalReport:
+        """Held-out evaluation on this rank's engine (colocated, or an engine rank when asked)."""
+        p = self.parts
+        return run_eval(p.engine, p.rewards, p.eval_records, self.cfg.eval, policy_version=version,
+                        replicas=p.replicas)
+
     def save_hf(self, tag: str) -> None:
         started = time.perf_counter()
         self.parts.save_hf(tag)
         self.save_seconds += time.perf_counter() - started
 
-    def log(self, step: int, groups: list[RolloutGroup], train_groups: list[RolloutGroup], batch: TrainBatch,
-            stats: dict[str, float], scoring: dict[str, float]) -> None:
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.eval.every
+        return bool(every and step % every == 0) or step == self.cfg.run.steps
+
+    def log(self, step: int, ready: Delivery, batch: TrainBatch, stats: dict[str, float]) -> None:
         cfg, logger = self.cfg, self.parts.logger
         times = self.timer.pop()
-        scalars = {**rollout_metrics(groups, times), **train_metrics(batch, stats, times), **scoring,
-                   **times, **self.parts.curriculum.metrics(), "time/rl_seconds": self._rl_seconds()}
-        if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.run.steps:
+        ages = batch.staleness(step - 1)
+        scalars = {**ready.scalars, **train_metrics(batch, stats, times), **times, **staleness_metrics(ages),
+                   **self.rollout.step_metrics(ready, step - 1), "time/rl_seconds": self._rl_seconds()}
+        if self._eval_due(step):
             self.evaluate()
             scalars.update(self.eval_scalars)
             self.last_eval_step = step
         if cfg.run.save_hf_every and step % cfg.run.save_hf_every == 0:
             self.save_hf(f"step_{step:06d}")
-        logger.log_histogram(step, "rollout/pass_rate", [g.pass_rate for g in train_groups])
+        logger.log_histogram(step, "rollout/pass_rate", [g.pass_rate for g in ready.groups])
+        logger.log_histogram(step, "async/staleness", ages)
         logger.log(step, scalars)
+        self._ledger(step, batch, ages)
+
+    def _ledger(self, step: int, batch: TrainBatch, ages: list[int]) -> None:
+        """`trained.jsonl`: the prompts each step trained and their samples' ages (audits exactly-once
+        training across a resume; truncated to the checkpoint on resume like metrics.jsonl)."""
+        if self.parts.dims.is_main:
+            with (self.parts.out_dir / "trained.jsonl").open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "uids": batch.uids, "staleness": ages}) + "\n")
 
     # --- checkpoint / resume (megatron_speed/checkpoint) ---------------------------------------------
     def state_dict(self, step: int) -> dict[str, Any]:
         """Everything the next steps depend on besides the actor's weights and optimizer."""
         p = self.parts
-        return {"step": step, "actor_version": p.actor.version, "engine_calls": p.engine.calls,
-                "curriculum": p.curriculum.state_dict(), "history": p.logger.history, "curve": self.curve,
+        rollout = self.rollout.rollout_state()
+        return {"step": step, "actor_version": p.actor.version, "engine_calls": rollout["engine_calls"],
+                "curriculum": rollout["curriculum"], "history": p.logger.history, "curve": self.curve,
                 "warm_start_accuracy": self.warm, "last_eval_step": self.last_eval_step,
                 "eval_seconds": self.eval_seconds, "save_seconds": self.save_seconds,
                 "set_curves": self.set_curves, "set_metrics": self.set_metrics, "rl_seconds": self._rl_seconds()}
@@ -213,8 +273,9 @@ class Trainer:
         """Restore actor, engine weights, curriculum, RNG streams and logs from `path`; returns its step."""
         p = self.parts
         state = load_checkpoint(path, actor=p.actor, world_size=p.dims.world_size)
-        p.actor.version, p.engine.calls = state["actor_version"], state["engine_calls"]
-        p.curriculum.load_state_dict(state["curriculum"])
+        p.actor.version = state["actor_version"]
+        # The curriculum and the engine's call count go to wherever the rollout runs (`rollout.begin`).
+        self.resumed_rollout = {"curriculum": state["curriculum"], "engine_calls": state["engine_calls"]}
         p.logger.history[:] = state["history"]
         self.curve, self.warm = list(state["curve"]), state["warm_start_accuracy"]
         self.last_eval_step, self.eval_seconds = state["last_eval_step"], state["eval_seconds"]
@@ -222,8 +283,6 @@ class Trainer:
         self.set_curves = {k: [tuple(p) for p in v] for k, v in state.get("set_curves", {}).items()}
         self.set_metrics = dict(state.get("set_metrics", {}))
         self.started = time.perf_counter() - state["rl_seconds"] - self.eval_seconds - self.save_seconds
-        p.engine.sleep()  # the fresh engine holds the initial weights: refit in the usual order
-        self.refit()
         return int(state["step"])
 
     def _rl_seconds(self) -> float:
@@ -263,15 +322,17 @@ def compute_advantages(batch: TrainBatch, cfg: AlgorithmConfig, *, horizon: int)
     return token_adv, stats
 
 
-def tis_advantages(token_adv: torch.Tensor, old_logprobs: torch.Tensor, batch: TrainBatch, *,
-                   cap: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Truncated importance sampling: the TIS weight on each token's policy-gradient loss, applied as
-    the same weight on its advantage (identical loss and clip decisions, see `truncated_is_weights`),
-    so the actor's loss needs no extra input."""
-    weights, tis = truncated_is_weights(old_logprobs, batch.rollout_logprobs, batch.response_mask, cap=cap)
-    n = float(batch.response_mask.sum().clamp(min=1))
-    return token_adv * weights, {"mismatch/tis_clipped_fraction": float(tis["tis_clipped_tokens"]) / n,
-                                 "mismatch/tis_weight_mean": float(tis["tis_weight_sum"]) / n}
+def corrected_advantages(token_adv: torch.Tensor, old_logprobs: torch.Tensor, batch: TrainBatch,
+                         cfg: AlgorithmConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The off-policy correction `algorithm.is_correction` (algorithms/corrections.py): its per-token
+    weight on the policy-gradient loss, applied as the same weight on the token's advantage (identical
+    loss and clip decisions), so the actor's loss needs no extra input."""
+    weights, s = CORRECTIONS[cfg.is_correction](old_logprobs, batch.rollout_logprobs, batch.response_mask,
+                                                cap=cfg.is_cap, beta=cfg.is_beta)
+    n = float(s["tokens"].clamp(min=1))
+    return token_adv * weights, {"mismatch/is_weight_mean": float(s["weight_sum"]) / n,
+                                 "mismatch/is_truncated_fraction": float(s["truncated_tokens"]) / n,
+                                 "mismatch/is_masked_fraction": float(s["masked_tokens"]) / n}
 
 
 def _mismatch(actor_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -284,3 +345,33 @@ def _mismatch(actor_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask:
         mean_abs = float("nan")
     return {"mismatch/logprob_abs_diff": mean_abs, "mismatch/logprob_max_abs_diff": float(diff.abs().max()),
             "mismatch/kl_k3": float(k3.sum() / n)}
+
+
+def mismatch_by_age(actor_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor,
+                    ages: list[int]) -> dict[str, float]:
+    """`_mismatch` over the batch, and again per sample age: age 0 is the engine-vs-actor gap alone
+    (same weights, different kernels), age a >= 1 adds a policy versions of lag."""
+    out = _mismatch(actor_logprobs, engine_logprobs, mask)
+    if len(set(ages)) > 1 or (ages and ages[0] != 0):
+        rows = torch.tensor(ages, device=mask.device)
+        for age in sorted(set(ages)):
+            part = _mismatch(actor_logprobs[rows == age], engine_logprobs[rows == age], mask[rows == age])
+            out.update({f"{k}/age{age}": v for k, v in part.items()})
+    return out
+
+
+def staleness_metrics(ages: list[int]) -> dict[str, float]:
+    """Mean and max sample age in policy versions and the share of samples at each age."""
+    if not ages:
+        return {}
+    counts = Counter(ages)
+    return {"async/staleness_mean": sum(ages) / len(ages), "async/staleness_max": float(max(ages)),
+            **{f"async/staleness_fraction/{a}": n / len(ages) for a, n in sorted(counts.items())}}
+
+
+def make_placement(parts: Components, *, produce: Any, evaluate: Any) -> Colocated | TrainerSide | EngineSide:
+    """This rank's side of the loop (rollout/placement.py)."""
+    role = parts.dims.role
+    if role == "engine":
+        return EngineSide(parts, evaluate)
+    return TrainerSide(parts) if role == "trainer" else Colocated(parts, produce)

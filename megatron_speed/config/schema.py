@@ -329,6 +329,14 @@ class RolloutConfig(Section):
     enforce_eager: bool = True
     seed: int = 0
     refit_bucket_mb: float = 512.0  # refit loads weights in buckets of at most this many MiB (bigger tensors alone)
+    # Where the engines run. "colocated": every rank holds an actor shard and an engine shard, and the
+    # phases alternate. "disaggregated": the last `num_ranks` ranks of the world run the engines (and the
+    # curriculum beside them), the others the actor; the two overlap, `max_staleness` bounding the lag.
+    placement: Literal["colocated", "disaggregated"] = "colocated"
+    num_ranks: int = 0  # engine ranks in disaggregated mode (a multiple of tensor_parallel_size); 0 when colocated
+    # Disaggregated only: a trained sample is at most this many policy versions older than the weights it
+    # trains (the engines wait rather than run further ahead). 0 = synchronous, exactly the colocated loop.
+    max_staleness: int = 0
 
     def check(self) -> None:
         require(self.n >= 1, "n", self.n, "must be >= 1", "sample at least one response per prompt")
@@ -346,6 +354,20 @@ class RolloutConfig(Section):
                 "use 1, or a divisor of the number of processes to shard each engine replica")
         require(self.refit_bucket_mb > 0, "refit_bucket_mb", self.refit_bucket_mb, "must be > 0",
                 "use e.g. 512 (MiB of weights per refit bucket)")
+        disaggregated = self.placement == "disaggregated"
+        require(not disaggregated or self.num_ranks >= 1, "num_ranks", self.num_ranks,
+                "must be >= 1 with rollout.placement=disaggregated", "give the engines e.g. rollout.num_ranks=1")
+        require(disaggregated or self.num_ranks == 0, "num_ranks", self.num_ranks,
+                "only applies to rollout.placement=disaggregated (colocated engines share every rank)",
+                "set rollout.placement=disaggregated or rollout.num_ranks=0")
+        require(not disaggregated or self.num_ranks % self.tensor_parallel_size == 0, "num_ranks", self.num_ranks,
+                f"must be a multiple of rollout.tensor_parallel_size ({self.tensor_parallel_size})",
+                "give each engine replica whole ranks")
+        require(self.max_staleness >= 0, "max_staleness", self.max_staleness, "must be >= 0",
+                "use 0 (synchronous) or e.g. 1 (one step of overlap)")
+        require(disaggregated or self.max_staleness == 0, "max_staleness", self.max_staleness,
+                "needs rollout.placement=disaggregated: colocated engines share the devices with the actor and "
+                "cannot run ahead of it", "set rollout.placement=disaggregated rollout.num_ranks=K, or max_staleness=0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -432,9 +454,16 @@ class AlgorithmConfig(Section):
     entropy_coef: float = 0.0
     overlong_buffer_length: int = 0  # DAPO overlong shaping over the last N tokens; 0 = off
     overlong_factor: float = 1.0
-    # Truncated importance sampling (TIS) against the engine's sampling distribution: each token's
-    # policy-gradient loss is weighted by min(exp(actor_old_logp - rollout_logp), tis_cap). 0 = off.
-    tis_cap: float = 0.0
+    # Off-policy correction of the policy-gradient loss for samples the engine drew (a different kernel,
+    # precision or, when disaggregated, an older policy version): algorithms/corrections.py. With
+    # rho = exp(actor_old_logp - engine_logp) per token, "tis" weights each token by min(rho, is_cap);
+    # "icepop" by rho where 1/is_beta <= rho <= is_beta, else 0; "seq_mis" every token of a response by
+    # its geometric-mean rho where that lies in [1/is_beta, is_beta], else 0; "decoupled" (AReaL's
+    # decoupled PPO: the clip around the proximal policy = the actor's recomputed log-probs) by rho
+    # where rho <= is_cap, else 0.
+    is_correction: Literal["none", "tis", "icepop", "seq_mis", "decoupled"] = "none"
+    is_cap: float = 2.0  # "tis": truncation cap (verl's and slime's default 2); "decoupled": masking cap
+    is_beta: float = 2.0  # "icepop", "seq_mis": keep ratios in [1/is_beta, is_beta]
 
     @property
     def estimator_options(self) -> dict[str, Any]:
@@ -450,8 +479,10 @@ class AlgorithmConfig(Section):
         require(self.entropy_coef >= 0, "entropy_coef", self.entropy_coef, "must be >= 0", "use 0 (off)")
         require(self.overlong_buffer_length >= 0, "overlong_buffer_length", self.overlong_buffer_length,
                 "must be >= 0", "use 0 to turn overlong shaping off")
-        require(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", self.tis_cap, "must be 0 (off) or >= 1",
-                "use 2 (verl's and slime's default cap) or 0 to turn truncated importance sampling off")
+        require(self.is_cap >= 1, "is_cap", self.is_cap, "must be >= 1 (a cap below 1 down-weights every "
+                "on-policy token)", "use 2 (verl's and slime's TIS default)")
+        require(self.is_beta > 1, "is_beta", self.is_beta, "must be > 1 (the kept band is [1/is_beta, is_beta])",
+                "use e.g. 2")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -611,6 +642,10 @@ class Config(Section):
                 f"must be <= rollout.max_new_tokens ({self.rollout.max_new_tokens})",
                 "shorten the buffer or allow longer responses")
         self._check_packing()
+        lora = self.model.lora
+        require(not (lora.enabled and lora.refit == "adapter" and self.rollout.placement == "disaggregated"),
+                "model.lora.refit", lora.refit, "cannot reach engines on their own ranks (the adapter path loads "
+                "into the colocated engine's LoRA manager)", "use model.lora.refit=merged with disaggregated engines")
         require(self.model.hf_path != "toy" or self.data.toy is not None, "model.hf_path",
                 self.model.hf_path, "is the toy model but data.toy is not set",
                 "use the toy_cpu recipe or point model.hf_path at an HF folder")

@@ -39,7 +39,8 @@ class Curriculum(Protocol):
 class UniformCurriculum:
     """No selection: train on every sampled prompt."""
 
-    def __init__(self, cfg: CurriculumConfig, sampler: PromptSampler, *, n: int) -> None:
+    def __init__(self, cfg: CurriculumConfig, sampler: PromptSampler, *, n: int, max_lag: int = 0) -> None:
+        # `max_lag` is unused: every call is one fresh batch, and the engines' wait bounds its age.
         self.cfg, self.sampler, self.n = cfg, sampler, n
 
     def plan(self) -> list[SampleRequest]:
@@ -68,6 +69,8 @@ CURRICULA: dict[str, Callable[..., Curriculum]] = {
 __all__ = ["CURRICULA", "Curriculum", "CurriculumStarved", "build_curriculum"]
 
 
-def build_curriculum(cfg: CurriculumConfig, sampler: PromptSampler, *, n: int) -> Curriculum:
-    """The curriculum named by `cfg.name`; `n` is `rollout.n` (SPEED uses n_init/n_continue instead)."""
-    return CURRICULA[cfg.name](cfg, sampler, n=n)
+def build_curriculum(cfg: CurriculumConfig, sampler: PromptSampler, *, n: int, max_lag: int = 0) -> Curriculum:
+    """The curriculum named by `cfg.name`; `n` is `rollout.n` (SPEED uses n_init/n_continue instead);
+    `max_lag` is a disaggregated run's `rollout.max_staleness` (buffered groups older than the next
+    batch's weights by more than it are dropped as stale; 0 = synchronous)."""
+    return CURRICULA[cfg.name](cfg, sampler, n=n, max_lag=max_lag)

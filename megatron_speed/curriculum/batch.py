@@ -17,6 +17,7 @@ def build_train_batch(groups: Sequence[RolloutGroup], *, pad_id: int) -> TrainBa
     """
     rows: list[tuple[list[int], int, tuple[float, ...]]] = []
     rewards: list[float] = []
+    versions: list[int] = []
     offsets = [0]
     for g in groups:
         if len(g.rewards) != len(g.completions):
@@ -25,6 +26,7 @@ def build_train_batch(groups: Sequence[RolloutGroup], *, pad_id: int) -> TrainBa
         for c, r in zip(g.completions, g.rewards):
             rows.append((list(g.prompt_token_ids) + list(c.token_ids), len(g.prompt_token_ids), c.logprobs))
             rewards.append(r)
+            versions.append(c.policy_version)
         offsets.append(len(rows))
     width = max(len(ids) for ids, _, _ in rows)
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -36,4 +38,4 @@ def build_train_batch(groups: Sequence[RolloutGroup], *, pad_id: int) -> TrainBa
         engine_logprobs[i, prompt_len - 1:len(ids) - 1] = torch.tensor(logprobs)
     return TrainBatch(tokens=tokens, response_mask=mask, rollout_logprobs=engine_logprobs,
                       rewards=torch.tensor(rewards), group_offsets=torch.tensor(offsets),
-                      uids=[g.prompt.uid for g in groups])
+                      uids=[g.prompt.uid for g in groups], versions=torch.tensor(versions, dtype=torch.long))

@@ -109,7 +109,9 @@ def group_from_state(state: dict[str, Any]) -> RolloutGroup:
     """Inverse of `group_to_state`, also for JSON-decoded state (lists where tuples were)."""
     completions = [Completion(token_ids=tuple(int(t) for t in c["token_ids"]),
                               logprobs=tuple(float(x) for x in c["logprobs"]), text=str(c["text"]),
-                              finish_reason=str(c["finish_reason"])) for c in state["completions"]]
+                              finish_reason=str(c["finish_reason"]),
+                              policy_version=int(c.get("policy_version", state["policy_version"])))
+                   for c in state["completions"]]
     return RolloutGroup(prompt=PromptRecord(**state["prompt"]),
                         prompt_token_ids=tuple(int(t) for t in state["prompt_token_ids"]),
                         completions=completions, phase=str(state["phase"]),
@@ -138,8 +140,9 @@ class BufferedCurriculum:
     name = "buffered"
     knobs = ""  # config fields that raise the acceptance, named in the starvation message
 
-    def __init__(self, cfg: CurriculumConfig, sampler: PromptSampler) -> None:
-        self.cfg, self.sampler = cfg, sampler
+    def __init__(self, cfg: CurriculumConfig, sampler: PromptSampler, *, max_lag: int = 0) -> None:
+        # `max_lag`: rollout.max_staleness of a disaggregated run (0 = synchronous, no extra bound).
+        self.cfg, self.sampler, self.max_lag = cfg, sampler, max_lag
         self.tally = Tally()
         self._last = CallStats()
         self._next_id = 0
@@ -283,16 +286,19 @@ class BufferedCurriculum:
     # ------------------------------------------------------------------ internals
 
     def _drop_stale(self) -> None:
-        """Drop ready groups whose oldest sample is more than `max_staleness` versions old.
+        """Drop ready groups whose oldest sample is more than `curriculum.max_staleness` versions old,
+        or (disaggregated, `max_lag` >= 1) more than `max_lag` versions older than the weights the next
+        batch trains: batch k of the run trains version k - 1, i.e. `tally.batches` before it is emitted.
 
         Age only grows while a group waits, so a group stale now would be stale when emitted.
         """
-        limit = self.cfg.max_staleness
-        if not limit:
+        limit, lag = self.cfg.max_staleness, self.max_lag
+        if not limit and not lag:
             return
         kept: deque[tuple[int, RolloutGroup]] = deque()
         for request_id, group in self._ready:
-            if self._version - group.policy_version > limit:
+            too_old = bool(limit) and self._version - group.policy_version > limit
+            if too_old or (bool(lag) and self.tally.batches - group.policy_version > lag):
                 self.tally.groups_stale += 1
                 self.tally.samples_stale += len(group.completions)
             else:

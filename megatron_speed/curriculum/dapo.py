@@ -25,8 +25,8 @@ class DynamicSamplingCurriculum(BufferedCurriculum):
     name = "dapo"
     knobs = "rollout.n or curriculum.dapo_prompts_per_call"
 
-    def __init__(self, cfg: CurriculumConfig, sampler: PromptSampler, *, n: int) -> None:
-        super().__init__(cfg, sampler)
+    def __init__(self, cfg: CurriculumConfig, sampler: PromptSampler, *, n: int, max_lag: int = 0) -> None:
+        super().__init__(cfg, sampler, max_lag=max_lag)
         self.n = n
 
     def phases(self) -> tuple[str, ...]:

@@ -51,8 +51,8 @@ class SpeedCurriculum(BufferedCurriculum):
     name = "speed"
     knobs = "curriculum.n_init or curriculum.screen_prompts_per_call"
 
-    def __init__(self, cfg: CurriculumConfig, sampler: PromptSampler, *, n: int) -> None:
-        super().__init__(cfg, sampler)
+    def __init__(self, cfg: CurriculumConfig, sampler: PromptSampler, *, n: int, max_lag: int = 0) -> None:
+        super().__init__(cfg, sampler, max_lag=max_lag)
         # Accepted screening groups by request id, until their continuation returns (queued or in flight).
         self._screened: dict[int, RolloutGroup] = {}
         self._awaiting: list[int] = []  # request ids in `_screened` not yet sent for continuation

@@ -8,6 +8,7 @@ is NCCL when CUDA is present and gloo otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import ParallelConfig
+from megatron_speed.parallel.spanning import Spanning, split_world
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,26 @@ class ParallelDims:
     vpp: int = 1  # virtual pipeline chunks per stage
     cp: int = 1  # context-parallel ranks (one sequence's chunks); data parallelism is world / (tp x pp x cp)
     ep: int = 1  # expert-parallel ranks (MoE); they are data-parallel ranks for the dense layers
+    # Disaggregated placement: this rank's side ("trainer" | "engine") and the channels spanning both
+    # sides; `world_size`/`rank` (and tp/pp/dp) then describe this side's own world. None = colocated.
+    spanning: Spanning | None = None
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        """Rank 0 of the whole run (a trainer rank when disaggregated): logs, checkpoints, exports."""
+        return self.global_rank == 0
+
+    @property
+    def global_rank(self) -> int:
+        """This process's rank in the whole torchrun world (= `rank` when colocated)."""
+        return self.spanning.global_rank if self.spanning is not None else self.rank
+
+    @property
+    def role(self) -> str:
+        """"colocated" (actor and engine on this rank), "trainer" or "engine"."""
+        if self.spanning is None:
+            return "colocated"
+        return "engine" if self.spanning.is_engine else "trainer"
 
 
 def _free_port() -> int:
@@ -44,12 +62,25 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_parallel(cfg: ParallelConfig, *, seed: int) -> ParallelDims:
-    """Initialise torch.distributed (if needed) and megatron's model-parallel groups."""
+def init_parallel(cfg: ParallelConfig, *, seed: int, engine_ranks: int = 0) -> ParallelDims:
+    """Initialise torch.distributed (if needed) and megatron's model-parallel groups.
+
+    `engine_ranks` > 0 (rollout.placement=disaggregated): the world splits into trainer ranks, which
+    get megatron's groups, and that many engine ranks, which get none (`spanning.py`)."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if engine_ranks:
+        spanning, side_rank, side_world = split_world(engine_ranks, backend)
+        if spanning.is_engine:
+            return ParallelDims(world_size=side_world, rank=side_rank, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                                tp=1, pp=1, dp=side_world, backend=backend, spanning=spanning)
+        return dataclasses.replace(_init_megatron(cfg, seed=seed, backend=backend), spanning=spanning)
+    return _init_megatron(cfg, seed=seed, backend=backend)
+
+
+def _init_megatron(cfg: ParallelConfig, *, seed: int, backend: str) -> ParallelDims:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized() and parallel_state.model_parallel_is_initialized():
         # The world these groups belonged to was destroyed (a vLLM engine shutting down in this process
         # tears down the torch.distributed world it joined): forget them and build afresh.

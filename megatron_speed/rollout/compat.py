@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from typing import Any
 
 import torch
@@ -110,9 +111,13 @@ def executor_backend(world_size: int, tensor_parallel_size: int) -> str:
     """`external_launcher` under torchrun (each rank is one engine shard); in a single process `uni`,
     or vLLM's own worker processes (`mp`) when that process asks for tensor parallelism (the evaluate
     CLI's --tensor-parallel-size: `uni` has one worker and waits forever for the others)."""
-    if world_size > 1:
+    if world_size > 1 or _local_rank() != 0:  # `uni` would put a lone disaggregated engine on device 0
         return "external_launcher"
     return "uni" if tensor_parallel_size == 1 else "mp"
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else 0
 
 
 def sleep(llm: Any, level: int = 2) -> None:

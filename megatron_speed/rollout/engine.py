@@ -81,7 +81,7 @@ class VLLMEngine:
                                     lora_request=self.adapter)
         return [RolloutGroup(prompt=r.prompt, prompt_token_ids=tuple(x), phase=r.phase,
                              policy_version=policy_version,
-                             completions=[_completion(c) for c in out.outputs])
+                             completions=[_completion(c, policy_version) for c in out.outputs])
                 for r, x, out in zip(requests, ids, outputs)]
 
     def generate_greedy(self, prompts: Sequence[PromptRecord]) -> list[str]:
@@ -99,17 +99,22 @@ class VLLMEngine:
 
         Every rank passes the full tensors; vLLM's weight loaders take this rank's TP shard.
         """
+        return self.load_buckets(bucketize(named_tensors, int(self.cfg.refit_bucket_mb * 2**20)))
+
+    def load_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> RefitStats:
+        """Load already-bucketed HF-named tensors in ONE reload session (a disaggregated engine rank
+        gets its buckets over the wire: `rollout/transfer.py`)."""
         self._require(("awake", "weights"), "update_weights")
         started = time.perf_counter()
-        count = total = buckets = peak = 0
+        count = total = buckets_seen = peak = 0
         loaded: set[str] = set()
         compat.begin_reload(self.llm)
-        for bucket in bucketize(named_tensors, int(self.cfg.refit_bucket_mb * 2**20)):
+        for bucket in buckets:
             loaded |= compat.load_bucket(self.llm, bucket)
             size = sum(tensor_bytes(t) for _, t in bucket)
-            count, total, buckets, peak = count + len(bucket), total + size, buckets + 1, max(peak, size)
+            count, total, buckets_seen, peak = count + len(bucket), total + size, buckets_seen + 1, max(peak, size)
         compat.finish_reload(self.llm, loaded)
-        return RefitStats(seconds=time.perf_counter() - started, tensors=count, bytes=total, buckets=buckets,
+        return RefitStats(seconds=time.perf_counter() - started, tensors=count, bytes=total, buckets=buckets_seen,
                           peak_bucket_bytes=peak)
 
     def update_adapter(self, named_tensors: Iterable[tuple[str, torch.Tensor]], config: dict[str, Any],
@@ -159,8 +164,8 @@ class VLLMEngine:
                                "wake_up(['kv_cache'])")
 
 
-def _completion(out: Any) -> Completion:
+def _completion(out: Any, policy_version: int) -> Completion:
     token_ids = tuple(int(t) for t in out.token_ids)
     logprobs = tuple(float(step[t].logprob) for step, t in zip(out.logprobs or [], token_ids))
     return Completion(token_ids=token_ids, logprobs=logprobs, text=out.text,
-                      finish_reason=str(out.finish_reason or "length"))
+                      finish_reason=str(out.finish_reason or "length"), policy_version=policy_version)

@@ -16,7 +16,7 @@ def overrides(out: Path) -> list[str]:
     return [f"run.output_dir={out}", "run.steps=2", "eval.every=2", "eval.max_prompts=8",
             "curriculum.prompts_per_step=5", "rollout.n=4", "optim.mini_batch_size=20", "optim.micro_batch_size=4",
             "model.warmup.steps=40", "data.toy.train_size=200", "data.toy.eval_size=8", "rewards.num_workers=1",
-            "metrics.progress_bar=false", "metrics.plot=false", "algorithm.tis_cap=2",
+            "metrics.progress_bar=false", "metrics.plot=false", "algorithm.is_correction=tis", "algorithm.is_cap=2",
             "rollout.refit_bucket_mb=0.25"]
 
 

@@ -136,5 +136,5 @@ def test_toy_loop_on_two_data_parallel_ranks(tmp_path: Path) -> None:
     for row in rows[1:]:
         assert row["refit/buckets"] > 1 and row["refit/peak_bucket_bytes"] <= max(0.25 * 2**20, 512 * 128 * 4)
         assert row["refit/bytes"] > 0 and row["refit/seconds"] > 0
-        assert 0.0 <= row["mismatch/tis_clipped_fraction"] <= 1.0 and row["mismatch/tis_weight_mean"] > 0
+        assert 0.0 <= row["mismatch/is_truncated_fraction"] <= 1.0 and row["mismatch/is_weight_mean"] > 0
     assert rows[2]["mismatch/logprob_abs_diff"] < 1e-4  # both replicas' samples, scored after a refit

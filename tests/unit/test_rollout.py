@@ -16,7 +16,7 @@ from megatron_speed.config.schema import AlgorithmConfig, RolloutConfig
 from megatron_speed.records import Completion, PromptRecord, RolloutGroup, SampleRequest, TrainBatch
 from megatron_speed.rollout.buckets import bucketize, tensor_bytes
 from megatron_speed.rollout.replicas import ReplicaLayout, score_and_gather
-from megatron_speed.trainer import tis_advantages
+from megatron_speed.trainer import corrected_advantages
 
 if TYPE_CHECKING:
     from megatron_speed.rollout.engine import VLLMEngine
@@ -107,8 +107,8 @@ def test_tis_weights_are_detached_and_the_cap_is_checked() -> None:
     assert not weights.requires_grad
     with pytest.raises(ValueError, match=">= 1"):
         truncated_is_weights(old, torch.zeros(1, 2), torch.ones(1, 2), cap=0.5)
-    with pytest.raises(ConfigError, match=r"tis_cap \(0.5\) must be 0 \(off\) or >= 1"):
-        AlgorithmConfig(tis_cap=0.5)
+    with pytest.raises(ConfigError, match=r"is_cap \(0.5\) must be >= 1"):
+        AlgorithmConfig(is_correction="tis", is_cap=0.5)
 
 
 @pytest.mark.parametrize("clip_c", [None, 3.0])
@@ -138,10 +138,12 @@ def test_trainer_tis_scales_advantages_and_reports_the_clipped_fraction() -> Non
     old = torch.tensor([[-1.0, 0.0, 0.0], [-2.0, -1.0, -1.0]])  # ratios 1, e, -, 1/e, 1, 1
     batch = TrainBatch(tokens=torch.zeros(2, 4, dtype=torch.long), response_mask=mask, rollout_logprobs=rollout,
                        rewards=torch.zeros(2), group_offsets=torch.tensor([0, 2]), uids=["g"])
-    adv, stats = tis_advantages(torch.ones(2, 3) * mask, old, batch, cap=2.0)
+    cfg = AlgorithmConfig(is_correction="tis", is_cap=2.0)
+    adv, stats = corrected_advantages(torch.ones(2, 3) * mask, old, batch, cfg)
     assert torch.allclose(adv, torch.tensor([[1.0, 2.0, 0.0], [math.exp(-1.0), 1.0, 1.0]]))
-    assert stats["mismatch/tis_clipped_fraction"] == pytest.approx(1 / 5)
-    assert stats["mismatch/tis_weight_mean"] == pytest.approx((5.0 + math.exp(-1.0)) / 5)
+    assert stats["mismatch/is_truncated_fraction"] == pytest.approx(1 / 5)
+    assert stats["mismatch/is_weight_mean"] == pytest.approx((5.0 + math.exp(-1.0)) / 5)
+    assert stats["mismatch/is_masked_fraction"] == 0.0
 
 
 # --- the real engine: bucketed refit and the sleep/wake order --------------------------------------

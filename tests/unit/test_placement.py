@@ -1,0 +1,99 @@
+"""Disaggregated placement without processes: config rules, the curriculum's staleness bound under a
+lagging engine, per-sample versions through SPEED and the batch, and the per-step async metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_speed.config.base import ConfigError
+from megatron_speed.config.loader import load_config
+from megatron_speed.config.schema import CurriculumConfig, RolloutConfig
+from megatron_speed.curriculum.base import build_curriculum
+from megatron_speed.curriculum.batch import build_train_batch
+from megatron_speed.data.sampler import PromptSampler
+from megatron_speed.rollout.placement import Delivery, TrainerSide
+from megatron_speed.trainer import mismatch_by_age, staleness_metrics
+from tests.unit.test_curriculum import FakeEngine, records
+
+
+def test_placement_config_rules_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"rollout.max_staleness.*needs rollout.placement=disaggregated"):
+        load_config("toy_cpu", ["rollout.max_staleness=1"])
+    with pytest.raises(ConfigError, match=r"rollout.num_ranks \(0\) must be >= 1"):
+        load_config("toy_cpu", ["rollout.placement=disaggregated"])
+    with pytest.raises(ConfigError, match=r"num_ranks \(2\) only applies to rollout.placement=disaggregated"):
+        RolloutConfig(num_ranks=2)
+    with pytest.raises(ConfigError, match=r"num_ranks \(3\) must be a multiple of rollout.tensor_parallel_size"):
+        RolloutConfig(placement="disaggregated", num_ranks=3, tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match=r"algorithm\.tis_cap"):
+        load_config("toy_cpu", ["algorithm.tis_cap=2"])  # folded into algorithm.is_correction=tis
+    cfg = load_config("toy_cpu", ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.max_staleness=2"])
+    assert cfg.rollout.max_staleness == 2
+
+
+@pytest.mark.parametrize("lag", [1, 2])
+def test_speed_under_a_lagging_engine_never_emits_a_group_older_than_the_bound(lag: int) -> None:
+    """The engine generates with the oldest weights the wait rule allows (version = batches - lag); the
+    curriculum drops buffered groups that would train more than `lag` versions stale, and batch k
+    (training version k - 1) holds no sample older than k - 1 - lag."""
+    probs = [0.5] * 12 + [0.0] * 4 + [1.0] * 4
+    cfg = CurriculumConfig(name="speed", prompts_per_step=3, n_init=2, n_continue=2, screen_prompts_per_call=6,
+                           max_calls_per_step=0)
+    curriculum = build_curriculum(cfg, PromptSampler(records(len(probs)), seed=3), n=4, max_lag=lag)
+    engine = FakeEngine({f"p{i}": p for i, p in enumerate(probs)}, seed=5)
+    batches: list[list] = []
+    for _ in range(60):
+        version = max(0, len(batches) - lag)  # the stalest weights the engines may generate with
+        out = curriculum.update(engine.generate(curriculum.plan(), policy_version=version))
+        if out is not None:
+            batches.append(out)
+    assert len(batches) >= 10
+    for k, batch in enumerate(batches, start=1):
+        assert min(g.policy_version for g in batch) >= k - 1 - lag
+    assert curriculum.tally.groups_stale > 0  # the bound had work to do
+
+
+def test_per_sample_versions_survive_speed_merge_and_reach_the_batch() -> None:
+    cfg = CurriculumConfig(name="speed", prompts_per_step=1, n_init=2, n_continue=2, screen_prompts_per_call=1,
+                           max_calls_per_step=0)
+    curriculum = build_curriculum(cfg, PromptSampler(records(1), seed=0), n=4)
+    engine = FakeEngine({"p0": 0.5}, seed=1)
+    for version in range(10):
+        groups = engine.generate(curriculum.plan(), policy_version=version)
+        for g in groups:  # the real engine stamps every completion
+            g.completions = [type(c)(**{**c.__dict__, "policy_version": version}) for c in g.completions]
+        batch = curriculum.update(groups)
+        if batch is not None:
+            break
+    group = batch[0]
+    assert group.sample_versions[:2] == [group.policy_version] * 2  # screening samples
+    assert group.sample_versions[2:] == [group.policy_version + 1] * 2  # continued one call later
+    train = build_train_batch(batch, pad_id=0)
+    assert train.versions.tolist() == group.sample_versions
+    assert train.staleness(group.policy_version + 1) == [1, 1, 0, 0]
+
+
+def test_staleness_and_mismatch_by_age() -> None:
+    m = staleness_metrics([0, 0, 1, 1, 1, 2])
+    assert m["async/staleness_mean"] == pytest.approx(5 / 6) and m["async/staleness_max"] == 2.0
+    assert m["async/staleness_fraction/1"] == pytest.approx(0.5)
+    actor = torch.zeros(3, 2)
+    engine = torch.tensor([[0.0, 0.0], [0.5, 0.5], [0.5, 0.5]])
+    out = mismatch_by_age(actor, engine, torch.ones(3, 2), [0, 1, 1])
+    assert out["mismatch/logprob_abs_diff/age0"] == 0.0 and out["mismatch/logprob_abs_diff/age1"] == 0.5
+    assert out["mismatch/logprob_abs_diff"] == pytest.approx(1 / 3)
+    assert "mismatch/kl_k3/age0" not in mismatch_by_age(actor, actor, torch.ones(3, 2), [0, 0, 0])
+
+
+def test_overlap_is_the_generation_time_that_ran_while_the_actor_trained() -> None:
+    side = TrainerSide.__new__(TrainerSide)
+    side.busy, side.idle = [(10.0, 14.0), (20.0, 22.0)], 1.5
+    delivery = Delivery(index=3, groups=[], scalars={}, engine_busy=[(9.0, 11.0), (13.0, 16.0), (21.0, 21.5)],
+                        engine_idle=0.25)
+    m = side.step_metrics(delivery, 2)
+    assert m["async/engine_busy_seconds"] == pytest.approx(5.5)
+    assert m["async/overlap_seconds"] == pytest.approx(1.0 + 1.0 + 0.5)
+    assert m["async/overlap_fraction"] == pytest.approx(2.5 / 5.5)
+    assert m["async/trainer_idle_seconds"] == 1.5 and m["async/engine_idle_seconds"] == 0.25
+    assert side.idle == 0.0
