@@ -47,7 +47,7 @@ from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.actor.logprobs import position_logprobs, token_entropy, token_logprobs
 from megatron_speed.actor.lora import adapters_disabled, apply_lora
 from megatron_speed.actor.model import build_gpt_model
-from megatron_speed.actor.moe import check_trainable_layout
+from megatron_speed.actor.moe import check_trainable_layout, reset_aux_loss_scale
 from megatron_speed.actor.optimizer import build_optimizer
 from megatron_speed.actor.packing import PackedMicroBatch, balanced_bins, build_packed, padded_length, scatter_packed
 from megatron_speed.actor.router_metrics import RouterMetrics
@@ -289,6 +289,8 @@ class MegatronActor:
 
         chunks = model if isinstance(model, list) else [model] if model is not None else self.chunks
         data = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
+        if self.router_metrics is not None:
+            reset_aux_loss_scale()  # the schedule sets it afresh (actor/moe.py)
         return get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, train=train), data_iterator=data, model=chunks,
             num_microbatches=len(micro_batches), seq_length=max(mb.tokens.shape[1] for mb in micro_batches),

@@ -125,6 +125,16 @@ def moe_transformer_fields(hf_config: Any, *, ep: int = 1, etp: int | None = Non
     )
 
 
+def reset_aux_loss_scale() -> None:
+    """Forget the aux-loss gradient scale megatron keeps on a class attribute. Its schedule sets it (a
+    [1] tensor) at every forward step and copies into it after the first; a backward through an aux loss
+    outside the schedule creates it as a 0-d tensor instead, after which every schedule in the process
+    fails on the copy ("output with shape [] doesn't match the broadcast shape [1]")."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+
+
 def _define_missing_te_gemm() -> None:
     """megatron-core 0.16.1's router GEMM tests `te_general_gemm is not None`, a name its module binds
     only when TransformerEngine imports: without TE every MoE forward raised NameError. Binding it to

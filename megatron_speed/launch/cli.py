@@ -100,6 +100,10 @@ def job_env(args: argparse.Namespace) -> dict[str, str]:
     # torchrun reads these itself: restarts of the worker group (each one resumes from the latest
     # complete checkpoint) and how long its ranks get to checkpoint after SIGTERM
     env |= {"PET_MAX_RESTARTS": str(args.max_restarts), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(args.shutdown_timeout)}
+    # A restarted worker group must not meet the last attempt's keys: with the rendezvous store shared
+    # (torch's default) every attempt's workers use one unprefixed store, so a restarted rank can read a
+    # dead peer's gloo/NCCL address and fail to connect. Unshared, rank 0 of each attempt hosts a fresh one.
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep:
