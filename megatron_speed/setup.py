@@ -87,6 +87,8 @@ class Components:
             self.stop.restore()
         if self.rewards is not None:
             self.rewards.close()
+        if self.engine is not None:
+            self.engine.close()
         self.logger.close()
 
 

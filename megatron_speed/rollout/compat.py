@@ -42,6 +42,9 @@
   PyTorch's caching allocator holds; `release_cached_memory` does that before every wake.
 * Executor: `uni` for a single process (`mp` when it asks for tensor parallelism), `external_launcher`
   under torchrun (SPMD) on both builds.
+* Teardown: 0.32's in-process client shuts the engine down (destroying torch.distributed's default
+  group) from a finalizer, whenever the garbage collector gets to it; `explicit_teardown` detaches
+  it, so the engine goes when `VLLMEngine.close` says (0.25.1 has no finalizer: `shutdown` only).
 * LoRA adapters, in memory (`rollout.update_adapter`, `model.lora.refit=adapter`): vLLM loads
   adapters from a PEFT folder by path; we build the same `LoRAModel` from the exported tensors
   (`LoRAModel.from_lora_tensors`, what `from_local_checkpoint` runs after reading the files) and
@@ -54,9 +57,11 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -145,6 +150,25 @@ def release_cached_memory() -> None:
 def wake_up(llm: Any, tags: list[str]) -> None:
     if supports_sleep():
         llm.wake_up(tags=tags)
+
+
+def explicit_teardown(llm: Any) -> Callable[[], None]:
+    """Take the engine's teardown away from the garbage collector; returns it, for `VLLMEngine.close`.
+
+    vLLM's in-process client (0.32) registers a finalizer that shuts the engine core down when the
+    collector reaches the client, and that shutdown ends in `cleanup_dist_env_and_memory`, which
+    destroys torch.distributed's default group. The engine sits in reference cycles, so the collector
+    reaches it at an arbitrary later moment: in a process that goes on (a second run, the next test),
+    that moment falls in the middle of other work and pulls the process group from under it (seen:
+    megatron's groups "not registered" in a later actor). Detached, the teardown runs only when called.
+    Builds without the finalizer (0.25.1) shut down only through the client's `shutdown`."""
+    client = llm.llm_engine.engine_core
+    finalizer = getattr(client, "_finalizer", None)
+    detached = finalizer.detach() if finalizer is not None else None
+    if detached is None:
+        return client.shutdown
+    _, func, args, kwargs = detached
+    return functools.partial(func, *args, **(kwargs or {}))
 
 
 def begin_reload(llm: Any) -> None:

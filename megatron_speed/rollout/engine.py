@@ -52,11 +52,12 @@ class VLLMEngine:
         self.llm = LLM(model=str(hf_path), **compat.engine_kwargs(cfg, max_model_len=max_model_len,
                                                                   world_size=world_size, seed=seed, memory=memory,
                                                                   lora_rank=lora_rank))
+        self._teardown = compat.explicit_teardown(self.llm)  # `close()` only, never the garbage collector
         self.adapter: Any = None  # the LoRARequest every call carries once an adapter is loaded
         self.lora_rank = lora_rank
         self.tokenizer = self.llm.get_tokenizer()
         self.init_seconds = time.perf_counter() - started
-        self.state = "awake"  # "awake" | "asleep" (weights and KV cache freed) | "weights" (weights back)
+        self.state = "awake"  # "awake" | "asleep" (weights and KV cache freed) | "weights" (weights back) | "closed"
         # Per-request sampling seeds (rollout/seeding.py); `calls` is saved in the trainer state.
         self.seed, self.rank, self.calls = seed, rank, 0
 
@@ -155,6 +156,14 @@ class VLLMEngine:
         compat.release_cached_memory()
         compat.wake_up(self.llm, tags)
         self.state = next_state
+
+    def close(self) -> None:
+        """Shut the engine down now (idempotent). Left to the garbage collector, vLLM's teardown runs at
+        whatever moment the collector finds the engine, and it destroys this process's torch.distributed
+        world: in a process that runs on (a second run, the next test) that is the middle of its work."""
+        if self.state != "closed":
+            self._teardown()
+            self.state = "closed"
 
     def _require(self, states: str | tuple[str, ...], call: str) -> None:
         allowed = (states,) if isinstance(states, str) else states

