@@ -199,8 +199,27 @@ def test_lora_config_errors_name_the_key() -> None:
         load_config("toy_cpu", ["model.lora.rank=8", "model.attention_backend=te"])
     with pytest.raises(ConfigError, match=r"model\.lora\.dropout"):
         load_config("toy_cpu", ["model.lora.dropout=1.5"])
+    with pytest.raises(ConfigError, match=r"model\.lora\.refit \('adapter'\).*refit=merged"):
+        load_config("toy_cpu", ["model.lora.rank=8", "model.lora.refit=adapter", "rollout.placement=disaggregated",
+                                "rollout.num_ranks=1"])
     cfg = load_config("toy_cpu", ["model.lora.rank=8", "model.lora.targets=[q_proj,v_proj]"])
     assert cfg.model.lora.enabled and cfg.model.lora.scaling == 2.0
+
+
+def test_lora_on_a_moe_model_adapts_attention_and_rejects_expert_targets(tmp_path: Path) -> None:
+    """MoE layers have no dense MLP projection: the MLP targets are a config error naming the fix, and
+    the attention-only adapters train while the base (experts, router) stays frozen."""
+    moe = tiny_hf_model("qwen3_moe", tmp_path / "moe")
+    with pytest.raises(ConfigError, match=r"model\.lora\.targets .*mixture-of-experts.*targets=\[q_proj"):
+        _actor(moe)
+    actor = _actor(moe, LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
+    trainable = {n for n, p in actor.module.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora." in n and "self_attention" in n for n in trainable), trainable
+    before = {n: p.detach().clone() for n, p in actor.module.named_parameters()}
+    _train_step(actor, 0)
+    _train_step(actor, 1)  # B starts at zero: the second step moves A as well
+    moved = {n for n, p in actor.module.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= trainable and any(".experts." in n for n in before)
 
 
 def _sampled(engine: Any, version: int) -> Any:
