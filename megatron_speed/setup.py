@@ -71,11 +71,12 @@ class Components:
         The export is collective (every rank iterates it), but only the writing rank keeps the tensors,
         each copied to host memory as it arrives: no rank holds a second full model on its GPU."""
         writer = self.dims.is_main
-        tensors = [(name, t.detach().to("cpu", copy=True)) for name, t in self.actor.export_hf_weights() if writer]
-        adapters = None
-        if self.cfg.model.lora.enabled:
-            adapters = [(name, t.detach().to("cpu", copy=True)) for name, t in self.actor.export_adapter_weights()
-                        if writer]
+
+        def kept(stream: Any) -> list[tuple[str, torch.Tensor]]:  # every rank iterates; the writer keeps
+            return [(name, t.detach().to("cpu", copy=True)) for name, t in stream if writer]
+
+        tensors = kept(self.actor.export_hf_weights())
+        adapters = kept(self.actor.export_adapter_weights()) if self.cfg.model.lora.enabled else None
         if not writer:
             return None
         if adapters is not None:

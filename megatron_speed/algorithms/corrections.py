@@ -77,16 +77,20 @@ def tis(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *, cap: fl
     return weights, out
 
 
+def _within_band(rho: Tensor, on: Tensor, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """w = rho on response tokens where 1/beta <= rho <= beta, else 0 (counted as masked)."""
+    outside = (rho < 1.0 / beta) | (rho > beta)
+    weights = torch.where(on & ~outside, rho, torch.zeros_like(rho))
+    return weights, _stats(weights, on, masked=outside)
+
+
 @torch.no_grad()
 def icepop(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *, cap: float,
            beta: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Token masking: w = rho where 1/beta <= rho <= beta, else 0."""
     _check_beta(beta)
     on = mask > 0
-    rho = torch.exp(_log_rho(old_logprobs, rollout_logprobs, on))
-    outside = (rho < 1.0 / beta) | (rho > beta)
-    weights = torch.where(on & ~outside, rho, torch.zeros_like(rho))
-    return weights, _stats(weights, on, masked=outside)
+    return _within_band(torch.exp(_log_rho(old_logprobs, rollout_logprobs, on)), on, beta)
 
 
 @torch.no_grad()
@@ -98,10 +102,7 @@ def seq_mis(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *, cap
     on = mask > 0
     log_rho = _log_rho(old_logprobs, rollout_logprobs, on)
     lengths = on.sum(dim=1, keepdim=True).clamp(min=1)
-    geo = torch.exp(log_rho.sum(dim=1, keepdim=True) / lengths).expand_as(log_rho)
-    outside = (geo < 1.0 / beta) | (geo > beta)
-    weights = torch.where(on & ~outside, geo, torch.zeros_like(geo))
-    return weights, _stats(weights, on, masked=outside)
+    return _within_band(torch.exp(log_rho.sum(dim=1, keepdim=True) / lengths).expand_as(log_rho), on, beta)
 
 
 @torch.no_grad()

@@ -10,16 +10,14 @@ both halves live), recording after each the loss statistics and every adapter gr
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_speed.config.schema import AlgorithmConfig, LoraConfig, ModelConfig, OptimConfig, ParallelConfig
-from megatron_speed.parallel import destroy_parallel, init_parallel
-from tests.distributed.tp_pp_worker import WIDTH, fixed_batch
+from megatron_speed.parallel import init_parallel
+from tests.distributed.tp_pp_worker import WIDTH, fixed_batch, worker_main
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 ROWS = 8
@@ -59,17 +57,5 @@ def run(hf_dir: Path, layout: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("hf_dir", type=Path)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("layout", type=json.loads)
-    args = parser.parse_args()
-    result = run(args.hf_dir, args.layout)
-    rank = result.pop("dims").rank
-    torch.save(result, f"{args.out}.{rank}.pt")
-    destroy_parallel()
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(run)

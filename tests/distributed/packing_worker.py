@@ -12,15 +12,14 @@ so packed micro-batches hold very different sequences and some sequences exceed 
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig, ParallelConfig
-from megatron_speed.parallel import destroy_parallel, init_parallel
+from megatron_speed.parallel import init_parallel
+from tests.distributed.tp_pp_worker import worker_main
 
 RESPONSES = [2, 80, 7, 33, 15, 61, 4, 24]  # response tokens per row: 1..40x spread
 PROMPTS = [3, 5, 4, 6, 3, 4, 5, 6]
@@ -83,17 +82,5 @@ def run(hf_dir: Path, layout: dict[str, Any], *, perturb_row: int | None = None)
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("hf_dir", type=Path)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("layout", type=json.loads)
-    args = parser.parse_args()
-    result = run(args.hf_dir, args.layout)
-    rank = result.pop("dims").rank
-    torch.save(result, f"{args.out}.{rank}.pt")
-    destroy_parallel()
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(run)

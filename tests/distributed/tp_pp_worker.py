@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,9 @@ def run(hf_dir: Path, layout: dict[str, Any]) -> dict[str, Any]:
             "local_layers": sum(len(chunk.decoder.layers) for chunk in bare_chunks(actor.chunks))}
 
 
-def main() -> None:
+def worker_main(run: Callable[[Path, dict[str, Any]], dict[str, Any]]) -> None:
+    """`python WORKER HF_DIR OUT LAYOUT_JSON` under torchrun: each rank saves `run`'s result (its "dims"
+    removed) to OUT.<rank>.pt, then tears the process groups down. Shared by the layout workers."""
     parser = argparse.ArgumentParser()
     parser.add_argument("hf_dir", type=Path)
     parser.add_argument("out", type=Path)
@@ -75,4 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(run)
