@@ -37,8 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_speed.config import load_config  # noqa: E402
 from megatron_speed.metrics import plot_runs  # noqa: E402
+from megatron_speed.recipes import load_recipe  # noqa: E402
 from megatron_speed.recipes.papers import upstream_mini_batch  # noqa: E402
 
 # arm -> (recipe, mode); mode "upstream" makes SPEED's updates per RL step what verl's counting gives.
@@ -68,7 +68,7 @@ def arm_overrides(arm: str, pool: str) -> list[str]:
     recipe, mode = ARMS[arm]
     extra = list(POOLS[pool][0])
     if mode == "upstream":
-        cfg = load_config(recipe, extra)
+        cfg = load_recipe(recipe, extra)
         mini = upstream_mini_batch(cfg.curriculum.prompts_per_step, cfg.curriculum.n_init)
         extra += [f"optim.mini_batch_size={mini}", "optim.lr_schedule_unit=rl_step"]
     return extra

@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_speed.config import ConfigError, load_config
+from megatron_speed.config import ConfigError
 from megatron_speed.memory import GIB, KNOWN_SHAPES, ModelShape, Plan, PlanInputs, plan, suggest
+from megatron_speed.recipes import load_recipe
 
 
 def model_shape(hf_path: str) -> ModelShape:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.recipe, args.overrides)
+        cfg = load_recipe(args.recipe, args.overrides)
         shape = model_shape(cfg.model.hf_path)
     except (ConfigError, ValueError, KeyError) as err:
         print(f"memory_plan: {err}", file=sys.stderr)

@@ -43,7 +43,6 @@ from megatron_speed.actor.batching import (
     scatter_rows,
     split_rows,
 )
-from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.actor.logprobs import position_logprobs, token_entropy, token_logprobs
 from megatron_speed.actor.lora import adapters_disabled, apply_lora
 from megatron_speed.actor.model import build_gpt_model
@@ -58,6 +57,7 @@ from megatron_speed.bridge.lora import export_adapter_weights, peft_adapter_conf
 from megatron_speed.bridge.weights import bare_chunks, export_hf_weights, load_hf_weights
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig, ParallelConfig
+from megatron_speed.parallel.cpu_support import cpu_megatron
 
 _split = split_rows  # kept for callers of the fixed-size split (tests, workers)
 __all__ = ["MegatronActor", "MicroBatch", "TrainingDiverged"]

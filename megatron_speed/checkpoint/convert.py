@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.checkpoint.hf import save_hf_folder
 from megatron_speed.checkpoint.layout import (
     copy_hf_files,
@@ -38,6 +37,7 @@ from megatron_speed.checkpoint.layout import (
 )
 from megatron_speed.checkpoint.megatron import load_megatron, save_megatron
 from megatron_speed.config.base import ConfigError
+from megatron_speed.parallel.cpu_support import cpu_megatron
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

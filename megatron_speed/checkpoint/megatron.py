@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.bridge.weights import bare_chunks, named_global_params
+from megatron_speed.parallel.cpu_support import cpu_megatron
 
 # The distributed optimizer's only format that loads back with the torch-Adam fallback on CPU
 # (ARCHITECTURE.md); it reshards across data-parallel sizes. Ignored by the other optimizers.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +83,13 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def load_config(recipe: str | Config, overrides: list[str] | None = None,
+def load_config(recipe: Config | Callable[[], Config], overrides: list[str] | None = None,
                 yaml_path: str | Path | None = None) -> Config:
-    """The only way a run's config is made: recipe, then YAML, then overrides; validated."""
-    if isinstance(recipe, str):
-        from megatron_speed.recipes import get_recipe
+    """The only way a run's config is made: recipe, then YAML, then overrides; validated.
 
-        config = get_recipe(recipe)()
-    else:
-        config = recipe
+    `recipe` is a config or a recipe function; a recipe *name* is resolved one floor up, by
+    `megatron_speed.recipes.load_recipe`, so this package imports nothing above it."""
+    config = recipe if isinstance(recipe, Config) else recipe()
     if yaml_path is not None:
         data = yaml.load(Path(yaml_path).read_text(), Loader=_YamlLoader) or {}
         if not isinstance(data, dict):

@@ -31,7 +31,8 @@ from typing import Any
 
 import yaml
 
-from megatron_speed.config import ConfigError, load_config, to_dict
+from megatron_speed.config import ConfigError, to_dict
+from megatron_speed.recipes import load_recipe
 
 _NEMO_RUN_MISSING = ("nemo-run is not installed in this environment. Install the launch extra in an environment "
                      "without vllm: pip install -e '.[launch]' (see examples/README.md)")
@@ -171,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     args.executor = args.executor or "local"
     args.nproc = 1 if args.nproc is None else args.nproc
     try:
-        cfg = load_config(args.recipe, args.overrides, args.config)
+        cfg = load_recipe(args.recipe, args.overrides, args.config)
         if not inline:
             check_launch(args)
             overrides, env = job_overrides(args), job_env(args)
             check_script_text(args, overrides, env)
-            load_config(args.recipe, overrides)  # what the job itself will load
+            load_recipe(args.recipe, overrides)  # what the job itself will load
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

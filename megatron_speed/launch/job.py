@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from megatron_speed.config import ConfigError, load_config
+from megatron_speed.config import ConfigError
+from megatron_speed.recipes import load_recipe
 
 
 def main(argv: list[str]) -> int:
@@ -19,7 +20,7 @@ def main(argv: list[str]) -> int:
     from megatron_speed.preflight import check_paths
 
     try:
-        cfg = load_config(argv[0], argv[1:])
+        cfg = load_recipe(argv[0], argv[1:])
         check_paths(cfg)  # missing model folders and prompt files stop every rank here, before torch.distributed
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

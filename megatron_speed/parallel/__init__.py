@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import ParallelConfig
+from megatron_speed.parallel.cpu_support import cpu_megatron
 from megatron_speed.parallel.spanning import Spanning, split_world
 
 

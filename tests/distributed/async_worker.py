@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from megatron_speed.config import load_config
+from megatron_speed.recipes import load_recipe
 
 
 def main() -> None:
@@ -16,7 +16,7 @@ def main() -> None:
     from megatron_speed.trainer import Trainer
 
     recipe, overrides = sys.argv[1], sys.argv[2:]
-    parts = build(load_config(recipe, overrides))
+    parts = build(load_recipe(recipe, overrides))
     try:
         Trainer(parts).fit()
         if parts.actor is not None:

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from megatron_speed.actor.actor import MegatronActor, _split
-from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig, ParallelConfig
 from megatron_speed.parallel import destroy_parallel, init_parallel
+from megatron_speed.parallel.cpu_support import cpu_megatron
 
 
 def fixed_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

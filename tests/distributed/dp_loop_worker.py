@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_speed.config import load_config
+from megatron_speed.recipes import load_recipe
 
 
 def overrides(out: Path) -> list[str]:
@@ -39,7 +39,7 @@ def main() -> None:
     from megatron_speed.trainer import Trainer
 
     out = Path(sys.argv[1])
-    parts = build(load_config("toy_cpu_js", overrides(out)))
+    parts = build(load_recipe("toy_cpu_js", overrides(out)))
     try:
         summary = Trainer(parts).fit()
         weights = {n: t.double().sum().item() for n, t in parts.actor.export_hf_weights()}

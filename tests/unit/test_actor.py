@@ -135,7 +135,7 @@ def test_micro_batch_split_does_not_change_the_gradient(hf_dir: Path, aggregatio
     gradient through megatron's schedule, because the loss's denominator is summed over all
     micro-batches (and ranks) before megatron divides (verl's per-micro-batch mean would not)."""
     from megatron_speed.actor.actor import _split
-    from megatron_speed.actor.cpu_support import cpu_megatron
+    from megatron_speed.parallel.cpu_support import cpu_megatron
 
     init_parallel(ParallelConfig(), seed=1)
     gen = torch.Generator().manual_seed(7)
@@ -208,7 +208,7 @@ def test_dynamic_batching_gives_the_fixed_micro_batch_gradient(hf_dir: Path) -> 
     gradient equals that of fixed 4-row micro-batches at full length (token-mean stays exact because
     each micro-batch returns (sum, count)), and masked log-probs are unchanged by trimming."""
     from megatron_speed.actor.actor import _split
-    from megatron_speed.actor.cpu_support import cpu_megatron
+    from megatron_speed.parallel.cpu_support import cpu_megatron
 
     init_parallel(ParallelConfig(), seed=1)
     tokens, mask, adv = _uneven_batch()
@@ -272,7 +272,7 @@ def test_entropy_bonus_is_the_same_with_one_row_micro_batches(hf_dir: Path) -> N
     """Entropy stat and gradient with one-row micro-batches equal those of one 8-row micro-batch
     (entropy_coef > 0, temperature 1.0, float32: the case where the logits were modified in place)."""
     from megatron_speed.actor.actor import _split
-    from megatron_speed.actor.cpu_support import cpu_megatron
+    from megatron_speed.parallel.cpu_support import cpu_megatron
 
     init_parallel(ParallelConfig(), seed=1)
     actor = MegatronActor(hf_dir, model_cfg=ModelConfig(), optim_cfg=OptimConfig(micro_batch_size=1,
@@ -297,8 +297,8 @@ def test_entropy_bonus_is_the_same_with_one_row_micro_batches(hf_dir: Path) -> N
 
 def test_uneven_pipeline_stages_validate_with_dotted_keys() -> None:
     """megatron-core's uneven split: the end stages' sizes, the middle stages share the rest equally."""
-    from megatron_speed.config import load_config
     from megatron_speed.config.base import ConfigError
+    from megatron_speed.recipes import load_recipe
 
     qwen3_4b = ParallelConfig(pipeline_parallel_size=8, num_layers_in_first_pipeline_stage=3,
                               num_layers_in_last_pipeline_stage=3)
@@ -318,17 +318,17 @@ def test_uneven_pipeline_stages_validate_with_dotted_keys() -> None:
     for override, rule in (("parallel.num_layers_in_first_pipeline_stage=0", "must be >= 1"),
                            ("parallel.num_layers_in_last_pipeline_stage=2", "needs pipeline parallelism")):
         with pytest.raises(ConfigError, match=rf"^{override.split('=')[0]} .*{rule}"):
-            load_config("toy_cpu", [override])
+            load_recipe("toy_cpu", [override])
     vpp2 = ["parallel.pipeline_parallel_size=2", "parallel.virtual_pipeline_parallel_size=2"]
     with pytest.raises(ConfigError, match=r"^parallel\.num_layers_in_first_pipeline_stage \(1\) must be a multiple "
                                           r"of virtual_pipeline_parallel_size \(2\)"):
-        load_config("toy_cpu", [*vpp2, "parallel.num_layers_in_first_pipeline_stage=1"])
+        load_recipe("toy_cpu", [*vpp2, "parallel.num_layers_in_first_pipeline_stage=1"])
     with pytest.raises(ConfigError, match=r"^parallel\.num_layers_in_last_pipeline_stage \(2\) cannot be set together"):
-        load_config("toy_cpu", [*vpp2, "parallel.num_layers_in_first_pipeline_stage=2",
+        load_recipe("toy_cpu", [*vpp2, "parallel.num_layers_in_first_pipeline_stage=2",
                                 "parallel.num_layers_in_last_pipeline_stage=2"])
-    with_vpp = load_config("toy_cpu", [*vpp2, "parallel.num_layers_in_first_pipeline_stage=2"]).parallel
+    with_vpp = load_recipe("toy_cpu", [*vpp2, "parallel.num_layers_in_first_pipeline_stage=2"]).parallel
     assert with_vpp.layers_per_stage(6) == (2, 4)
     with pytest.raises(ConfigError, match=r"leaves 3 of the model's 5 layers for 1 other .*positive multiple of 2"):
         with_vpp.layers_per_stage(5)
-    assert load_config("toy_cpu", ["parallel.pipeline_parallel_size=2", "parallel.num_layers_in_first_pipeline_stage=1"]
+    assert load_recipe("toy_cpu", ["parallel.pipeline_parallel_size=2", "parallel.num_layers_in_first_pipeline_stage=1"]
                        ).parallel.layers_per_stage(3) == (1, 2)

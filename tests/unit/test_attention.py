@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from megatron_speed.actor.attention import SDPAttention
-from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.actor.model import build_gpt_model, resolve_attention_backend
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import ModelConfig, ParallelConfig
 from megatron_speed.parallel import init_parallel
+from megatron_speed.parallel.cpu_support import cpu_megatron
 from tests.tiny_models import tiny_hf_config
 
 HEADS, GROUPS, HEAD_DIM, SEQ, BATCH = 4, 2, 16, 12, 3

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 import torch
 
-from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.actor.model import build_gpt_model
 from megatron_speed.bridge import mapping_for
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import ParallelConfig
 from megatron_speed.parallel import init_parallel
+from megatron_speed.parallel.cpu_support import cpu_megatron
 from tests.tiny_models import tiny_hf_config, tiny_hf_model
 
 # Measured (2-core CPU, float32, 3 x 40 tokens): SDPA 0.0 (transformers runs SDPA too), local

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from megatron_speed.checkpoint import layout, resume
-from megatron_speed.config import load_config
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import AlgorithmConfig, Config, ModelConfig, OptimConfig, ParallelConfig
+from megatron_speed.recipes import load_recipe
 from megatron_speed.rollout.seeding import request_seed
 from tests.tiny_models import tiny_hf_model
 
@@ -29,7 +29,7 @@ TIMINGS = ("time/", "throughput/")
 
 
 def _toy(tmp: Path, name: str, *extra: str) -> Config:
-    return load_config("toy_cpu_speed_js", [
+    return load_recipe("toy_cpu_speed_js", [
         f"run.output_dir={tmp}", f"run.name={name}", "run.steps=6", "eval.every=0", "eval.max_prompts=8",
         "curriculum.prompts_per_step=4", "curriculum.n_init=4", "curriculum.n_continue=4",
         "curriculum.screen_prompts_per_call=8", "optim.mini_batch_size=16", "optim.micro_batch_size=8",
@@ -189,7 +189,7 @@ def test_resume_setting_and_marker(tmp_path: Path) -> None:
     resume.discard_checkpoints(run_dir)  # what a fresh start does: old steps must not outrank new ones
     assert not root.exists()
     with pytest.raises(ConfigError, match=r"run\.keep_last"):
-        load_config("toy_cpu", ["run.keep_last=0"])
+        load_recipe("toy_cpu", ["run.keep_last=0"])
 
 
 def test_metrics_after_the_checkpoint_are_dropped_on_resume(tmp_path: Path) -> None:

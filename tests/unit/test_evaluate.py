@@ -207,11 +207,11 @@ def test_training_loop_logs_avg_and_pass_at_k_per_set(toy_model: tuple[Path, Pat
     The policy is the fixture's model, so the "echo" set is answered right under greedy decoding.
     The evaluation samples at a near-zero temperature while rollouts sample at 1.0: if the eval
     settings did not reach the engine, the k samples would disagree with each other and with greedy."""
-    from megatron_speed.config import load_config
     from megatron_speed.main import run
+    from megatron_speed.recipes import load_recipe
 
     model, data = toy_model
-    cfg = load_config("toy_cpu", [
+    cfg = load_recipe("toy_cpu", [
         f"run.output_dir={tmp_path}", "run.steps=1", "eval.every=1", "eval.max_prompts=6", "eval.k=4",
         "eval.pass_at=[1,4]", "eval.temperature=0.0001", "eval.files=[echo]", f"eval.data_dir={data}",
         f"model.hf_path={model}", "data.toy.max_digits=1", "data.toy.train_size=200", "data.toy.eval_size=16",

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_speed.config import load_config
 from megatron_speed.data import DataError
 from megatron_speed.main import run
+from megatron_speed.recipes import load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("loop")
     bad = _bad_prompts(tmp / "bad.jsonl")
     toy_train = tmp / "toy_cpu" / "data" / "toy_train.jsonl"  # the toy's generated split, beside the bad file
-    cfg = load_config("toy_cpu", _overrides(tmp, f"data.train_files=[{bad},{toy_train}]", "run.save_hf_every=2"))
+    cfg = load_recipe("toy_cpu", _overrides(tmp, f"data.train_files=[{bad},{toy_train}]", "run.save_hf_every=2"))
     summary = run(cfg)
     assert summary.steps == 2
     return tmp / "toy_cpu"
@@ -83,7 +83,7 @@ def test_summary_and_hf_export(finished_run: Path) -> None:
 
 def test_strict_mode_names_file_and_row(tmp_path: Path) -> None:
     bad = _bad_prompts(tmp_path / "bad.jsonl")
-    cfg = load_config("toy_cpu", _overrides(tmp_path, f"data.train_files=[{bad}]", "data.strict=true"))
+    cfg = load_recipe("toy_cpu", _overrides(tmp_path, f"data.train_files=[{bad}]", "data.strict=true"))
     with pytest.raises(DataError, match=r"bad\.jsonl.*row 2"):
         run(cfg)
 
@@ -91,7 +91,7 @@ def test_strict_mode_names_file_and_row(tmp_path: Path) -> None:
 def test_speed_with_james_stein_runs_the_real_loop(tmp_path: Path) -> None:
     skip = ("rollout.n=", "optim.mini_batch_size", "data.toy.train_size")  # full train set: no memorising
     overrides = [o for o in _overrides(tmp_path) if not o.startswith(skip)]
-    cfg = load_config("toy_cpu_speed_js", [*overrides, "curriculum.n_init=4", "curriculum.n_continue=4",
+    cfg = load_recipe("toy_cpu_speed_js", [*overrides, "curriculum.n_init=4", "curriculum.n_continue=4",
                                            "curriculum.screen_prompts_per_call=16", "optim.mini_batch_size=16",
                                            "model.warmup.steps=300"])
     summary = run(cfg)

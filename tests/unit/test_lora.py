@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from megatron_speed.config import load_config
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import AlgorithmConfig, LoraConfig, ModelConfig, OptimConfig, ParallelConfig
+from megatron_speed.recipes import load_recipe
 from tests.tiny_models import tiny_hf_model
 
 LORA = LoraConfig(rank=4, alpha=8.0)
@@ -48,7 +48,7 @@ def _train_step(actor: Any, seed: int) -> dict[str, float]:
 
 
 def _logits(actor: Any, tokens: torch.Tensor) -> torch.Tensor:
-    from megatron_speed.actor.cpu_support import cpu_megatron
+    from megatron_speed.parallel.cpu_support import cpu_megatron
 
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     actor.module.eval()
@@ -194,15 +194,15 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_bit_exact(hf_dir: Path,
 
 def test_lora_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"model\.lora\.targets .*qproj"):
-        load_config("toy_cpu", ["model.lora.rank=8", "model.lora.targets=[qproj]"])
+        load_recipe("toy_cpu", ["model.lora.rank=8", "model.lora.targets=[qproj]"])
     with pytest.raises(ConfigError, match=r"model\.lora\.rank"):
-        load_config("toy_cpu", ["model.lora.rank=8", "model.attention_backend=te"])
+        load_recipe("toy_cpu", ["model.lora.rank=8", "model.attention_backend=te"])
     with pytest.raises(ConfigError, match=r"model\.lora\.dropout"):
-        load_config("toy_cpu", ["model.lora.dropout=1.5"])
+        load_recipe("toy_cpu", ["model.lora.dropout=1.5"])
     with pytest.raises(ConfigError, match=r"model\.lora\.refit \('adapter'\).*refit=merged"):
-        load_config("toy_cpu", ["model.lora.rank=8", "model.lora.refit=adapter", "rollout.placement=disaggregated",
+        load_recipe("toy_cpu", ["model.lora.rank=8", "model.lora.refit=adapter", "rollout.placement=disaggregated",
                                 "rollout.num_ranks=1"])
-    cfg = load_config("toy_cpu", ["model.lora.rank=8", "model.lora.targets=[q_proj,v_proj]"])
+    cfg = load_recipe("toy_cpu", ["model.lora.rank=8", "model.lora.targets=[q_proj,v_proj]"])
     assert cfg.model.lora.enabled and cfg.model.lora.scaling == 2.0
 
 

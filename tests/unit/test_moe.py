@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 import torch
 
-from megatron_speed.actor.cpu_support import cpu_megatron
 from megatron_speed.actor.model import build_gpt_model
 from megatron_speed.actor.moe import moe_layer_pattern
 from megatron_speed.bridge import mapping_for
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import ParallelConfig
 from megatron_speed.parallel import init_parallel
+from megatron_speed.parallel.cpu_support import cpu_megatron
 from tests.tiny_models import tiny_hf_config, tiny_hf_model
 
 # Measured (2-core CPU, float32, 3 x 40 tokens): SDPA 9.5e-7, local attention the same order.

@@ -194,8 +194,8 @@ def test_sdpa_module_takes_megatron_packed_seq_params() -> None:
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_speed.actor.attention import SDPAttention
-    from megatron_speed.actor.cpu_support import cpu_megatron
     from megatron_speed.parallel import init_parallel
+    from megatron_speed.parallel.cpu_support import cpu_megatron
 
     init_parallel(ParallelConfig(), seed=1)
     config = TransformerConfig(num_layers=1, hidden_size=128, num_attention_heads=4, num_query_groups=2,

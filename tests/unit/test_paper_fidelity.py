@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_speed.config.loader import load_config
+from megatron_speed.recipes import load_recipe
 from megatron_speed.recipes.papers import PAPER_RECIPES
 
 # (prompts per RL step, samples per trained prompt, verl ppo_mini_batch_size in prompts, verl rollout.n)
@@ -45,7 +45,7 @@ def test_updates_per_rl_step_match_upstream(name: str) -> None:
 
 
 def test_controlled_variant_is_one_override_away() -> None:
-    cfg = load_config("speed_rloo__qwen2.5-math-7b__dapo17k", ["optim.mini_batch_size=384"])
+    cfg = load_recipe("speed_rloo__qwen2.5-math-7b__dapo17k", ["optim.mini_batch_size=384"])
     assert cfg.updates_per_step == 1
 
 
@@ -103,14 +103,14 @@ def test_unknown_template_is_a_config_error() -> None:
     from megatron_speed.config.base import ConfigError
 
     with pytest.raises(ConfigError, match=r"data\.prompt_template"):
-        load_config("toy_cpu", ["data.prompt_template=chatml-typo"])
+        load_recipe("toy_cpu", ["data.prompt_template=chatml-typo"])
 
 
 def test_greedy_off_needs_samples() -> None:
     from megatron_speed.config.base import ConfigError
 
     with pytest.raises(ConfigError, match=r"eval\.greedy"):
-        load_config("toy_cpu", ["eval.greedy=false"])
+        load_recipe("toy_cpu", ["eval.greedy=false"])
 
 
 # --------------------------------------------------------------------- the LR schedule, on the toy model

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from megatron_speed.config.base import ConfigError
-from megatron_speed.config.loader import load_config
 from megatron_speed.config.schema import CurriculumConfig, RolloutConfig
 from megatron_speed.curriculum.base import build_curriculum
 from megatron_speed.curriculum.batch import build_train_batch
 from megatron_speed.data.sampler import PromptSampler
+from megatron_speed.recipes import load_recipe
 from megatron_speed.rollout.placement import Delivery, TrainerSide
 from megatron_speed.trainer import mismatch_by_age, staleness_metrics
 from tests.unit.test_curriculum import FakeEngine, records
@@ -19,16 +19,16 @@ from tests.unit.test_curriculum import FakeEngine, records
 
 def test_placement_config_rules_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"rollout.max_staleness.*needs rollout.placement=disaggregated"):
-        load_config("toy_cpu", ["rollout.max_staleness=1"])
+        load_recipe("toy_cpu", ["rollout.max_staleness=1"])
     with pytest.raises(ConfigError, match=r"rollout.num_ranks \(0\) must be >= 1"):
-        load_config("toy_cpu", ["rollout.placement=disaggregated"])
+        load_recipe("toy_cpu", ["rollout.placement=disaggregated"])
     with pytest.raises(ConfigError, match=r"num_ranks \(2\) only applies to rollout.placement=disaggregated"):
         RolloutConfig(num_ranks=2)
     with pytest.raises(ConfigError, match=r"num_ranks \(3\) must be a multiple of rollout.tensor_parallel_size"):
         RolloutConfig(placement="disaggregated", num_ranks=3, tensor_parallel_size=2)
     with pytest.raises(ConfigError, match=r"algorithm\.tis_cap"):
-        load_config("toy_cpu", ["algorithm.tis_cap=2"])  # folded into algorithm.is_correction=tis
-    cfg = load_config("toy_cpu", ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.max_staleness=2"])
+        load_recipe("toy_cpu", ["algorithm.tis_cap=2"])  # folded into algorithm.is_correction=tis
+    cfg = load_recipe("toy_cpu", ["rollout.placement=disaggregated", "rollout.num_ranks=1", "rollout.max_staleness=2"])
     assert cfg.rollout.max_staleness == 2
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch.distributed as dist
 
 from megatron_speed import setup
-from megatron_speed.config import ConfigError, load_config
+from megatron_speed.config import ConfigError
 from megatron_speed.launch import job
 from megatron_speed.launch.cli import main
 from megatron_speed.preflight import MissingPathsError, check_paths
+from megatron_speed.recipes import load_recipe
 from tests.tiny_models import tiny_hf_model
 
 RECIPE = "speed_rloo__qwen2.5-math-1.5b__deepscaler"
@@ -59,17 +60,17 @@ def test_present_paths_pass_and_the_pipeline_split_is_checked_against_the_model(
     data.mkdir()
     for name in ("deepscaler", *EVAL_SETS):
         (data / f"{name}.parquet").write_bytes(b"")
-    check_paths(load_config(RECIPE))
+    check_paths(load_recipe(RECIPE))
     with pytest.raises(ConfigError, match=r"^parallel\.pipeline_parallel_size \(2\) .*3 layers.*"
                                           r"num_layers_in_first_pipeline_stage=1"):
-        check_paths(load_config(RECIPE, ["parallel.pipeline_parallel_size=2"]))
-    check_paths(load_config(RECIPE, ["parallel.pipeline_parallel_size=2",
+        check_paths(load_recipe(RECIPE, ["parallel.pipeline_parallel_size=2"]))
+    check_paths(load_recipe(RECIPE, ["parallel.pipeline_parallel_size=2",
                                      "parallel.num_layers_in_first_pipeline_stage=1"]))
 
 
 def test_a_folder_without_config_and_a_missing_user_file(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    cfg = load_config("toy_cpu", [f"model.hf_path={tmp_path / 'empty'}",
+    cfg = load_recipe("toy_cpu", [f"model.hf_path={tmp_path / 'empty'}",
                                   f"data.train_files=[{tmp_path / 'mine.jsonl'}]"])
     with pytest.raises(MissingPathsError) as caught:
         check_paths(cfg)
@@ -77,7 +78,7 @@ def test_a_folder_without_config_and_a_missing_user_file(tmp_path: Path) -> None
     assert first.key == "model.hf_path" and "without config.json" in first.rule
     assert second.key == "data.train_files" and second.value == str(tmp_path / "mine.jsonl")
     assert "prepare.py" not in second.fix  # not a prepared dataset's name
-    check_paths(load_config("toy_cpu"))  # the toy writes its own model and prompts
+    check_paths(load_recipe("toy_cpu"))  # the toy writes its own model and prompts
 
 
 def test_toy_train_files_replace_the_generated_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -91,13 +92,13 @@ def test_toy_train_files_replace_the_generated_split(tmp_path: Path, caplog: pyt
     toy_train, toy_eval = run_dir / "data" / "toy_train.jsonl", run_dir / "data" / "toy_eval.jsonl"
     overrides = [f"run.output_dir={tmp_path}", "data.toy.train_size=50", "data.toy.eval_size=10"]
     with caplog.at_level("INFO", logger="megatron_speed"):
-        train, held_out = prepare_data(load_config("toy_cpu", [*overrides, f"data.train_files=[{mine}]"]), run_dir)
+        train, held_out = prepare_data(load_recipe("toy_cpu", [*overrides, f"data.train_files=[{mine}]"]), run_dir)
     assert (train, held_out) == ((str(mine),), (str(toy_eval),))
     assert "data.train_files is set: it replaces the toy task's generated train split" in caplog.text
     assert f"data.train_files=[{mine},{toy_train}]" in caplog.text  # how to use both
-    both = load_config("toy_cpu", [*overrides, f"data.train_files=[{mine},{toy_train}]"])
+    both = load_recipe("toy_cpu", [*overrides, f"data.train_files=[{mine},{toy_train}]"])
     check_paths(both)  # the generated file is written by the run itself
     assert prepare_data(both, run_dir)[0] == (str(mine), str(toy_train))
     assert len(toy_train.read_text().splitlines()) == 50
-    own_eval = prepare_data(load_config("toy_cpu", [*overrides, f"data.eval_files=[{mine}]"]), run_dir)
+    own_eval = prepare_data(load_recipe("toy_cpu", [*overrides, f"data.eval_files=[{mine}]"]), run_dir)
     assert own_eval == ((str(toy_train),), (str(mine),))

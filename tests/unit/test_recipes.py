@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_speed.config import load_config
 from megatron_speed.config.base import ConfigError
-from megatron_speed.recipes import RECIPES, get_recipe
+from megatron_speed.recipes import RECIPES, get_recipe, load_recipe
 from megatron_speed.recipes.papers import DATA_DIR_ENV, MODEL_DIR_ENV, PAPER_RECIPES
 
 
@@ -20,7 +19,7 @@ from megatron_speed.recipes.papers import DATA_DIR_ENV, MODEL_DIR_ENV, PAPER_REC
 def test_every_recipe_validates(name: str) -> None:
     cfg = get_recipe(name)()
     cfg.check()
-    assert load_config(name).run.name == name
+    assert load_recipe(name).run.name == name
 
 
 def test_grid_is_complete_and_named_consistently() -> None:
