@@ -266,7 +266,7 @@ class Trainer:
             save_checkpoint(checkpoints_root(p.out_dir), step, actor=p.actor, hf_src=p.hf_path,
                             trainer_state=self.state_dict(step), keep_last=self.cfg.run.keep_last,
                             layout={"world_size": p.dims.world_size, "tp": p.dims.tp, "pp": p.dims.pp,
-                                    "cp": p.dims.cp})
+                                    "cp": p.dims.cp, "ep": p.dims.ep})
             self.save_seconds += time.perf_counter() - started
 
     def resume(self, path: Path) -> int:

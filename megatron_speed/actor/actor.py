@@ -442,4 +442,5 @@ class MegatronActor:
             return {}
         lora = self.lora
         return {"base_model": str(self.hf_path.resolve()), "lora": {"rank": lora.rank, "alpha": lora.alpha,
+                                                                     "dropout": lora.dropout,
                                                                      "targets": list(lora.targets)}}

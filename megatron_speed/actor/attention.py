@@ -18,8 +18,8 @@ megatron's fill value of -10000 gives a uniform average; causal masks never prod
 Packed sequences (THD, megatron's `PackedSeqParams` with qkv_format "thd"): query [t, np, hn],
 key/value [t, ng, hn] of one packed row -> context [t, np * hn]; attention never crosses sequences
 and, with context parallelism (CP > 1, which needs packing), keys and values are gathered over the
-CP group first. Mask rule, CP split and kernels (dense mask on CPU, FlexAttention on CUDA):
-`packed_attention.py`.
+CP group first. Mask rule, CP split and kernels (SDPA per sequence on CPU, FlexAttention on CUDA,
+a dense-mask reference): `packed_attention.py`.
 
 Deliberately left out (rejected at construction or call, not silently ignored): additive attention
 bias, sliding windows, softmax offsets, context parallelism without packed sequences.

@@ -180,7 +180,8 @@ def megatron_to_hf(ckpt: Path, out: Path, *, tp: int = 1, pp: int = 1, first_sta
         save_hf_folder(Path(out), hf_files, tensors)
         if lora is not None and peft_out is not None:
             save_peft_folder(Path(peft_out), adapters, peft_adapter_config(
-                base_model=meta["base_model"], rank=lora.rank, alpha=lora.alpha, dropout=0.0, targets=lora.targets))
+                base_model=meta["base_model"], rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                targets=lora.targets))
     _barrier()
     return Path(out)
 
@@ -198,7 +199,9 @@ def _attach_lora(model: Any, mapping: Any, meta: dict[str, Any], hf_config: Any)
     if not base.is_dir():
         raise FileNotFoundError(f"the LoRA checkpoint's base model {base} is gone: its base weights are not in the "
                                 "checkpoint, so restore that HF folder (meta.json: base_model) to convert it")
-    lora = LoraConfig(rank=meta["lora"]["rank"], alpha=meta["lora"]["alpha"], targets=tuple(meta["lora"]["targets"]))
+    saved = meta["lora"]
+    lora = LoraConfig(rank=saved["rank"], alpha=saved["alpha"], dropout=saved.get("dropout", 0.0),
+                      targets=tuple(saved["targets"]))  # dropout: absent in checkpoints written before it was recorded
     load_hf_weights(model, mapping, base)
     with cpu_megatron():
         apply_lora(model, lora, hf_config, dtype=_dtype(hf_config))

@@ -7,6 +7,7 @@ layers, randomised biases and norms). The TP/PP/DP parity of LoRA is tests/distr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,9 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_bit_exact(hf_dir: Path,
     adapter = load_file(tmp_path / "converted_adapter" / "adapter_model.safetensors")
     assert adapter.keys() == adapters_at_two.keys()
     assert all(torch.equal(adapter[k], adapters_at_two[k]) for k in adapter)
+    assert meta["lora"]["dropout"] == LORA.dropout  # the PEFT config written from a checkpoint keeps it
+    converted_config = json.loads((tmp_path / "converted_adapter" / "adapter_config.json").read_text())
+    assert converted_config == json.loads(json.dumps(actor.adapter_config()))
 
     fresh = _actor(hf_dir, distributed_optimizer=True)
     assert resume.load_checkpoint(path, actor=fresh, world_size=1) == {"step": 2}
