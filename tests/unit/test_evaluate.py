@@ -235,3 +235,23 @@ def test_training_loop_logs_avg_and_pass_at_k_per_set(toy_model: tuple[Path, Pat
         for s in report["sets"].values():  # near-greedy samples: all k agree, and agree with greedy decoding
             assert set(s["correct"].values()) <= {0, 4}, s
             assert math.isclose(s["avg_at_k"], s["greedy_accuracy"])
+
+
+def test_readme_evaluate_example_reads_what_the_embedded_default_writes() -> None:
+    """The README's evaluate command names the folders `python launch.py toy_cpu` writes (the run dir,
+    the final HF export, the held-out split) and parses as written."""
+    import re
+    import shlex
+
+    from megatron_speed.data.toy_task import split_file
+    from megatron_speed.evaluate import parse_args
+    from megatron_speed.recipes import load_recipe
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    command = re.search(r"^python -m megatron_speed\.evaluate (.+)$", readme, re.M)
+    assert command, "README lost its evaluate example"
+    args = parse_args(shlex.split(command.group(1)))
+    cfg = load_recipe("toy_cpu")
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    assert Path(args.model) == run_dir / "hf" / "final"  # trainer.save_hf("final") -> <run dir>/hf/<tag>
+    assert Path(args.data) == split_file(run_dir, "eval")
