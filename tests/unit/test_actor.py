@@ -203,6 +203,29 @@ def test_token_budget_plan_covers_every_row_once_within_the_budget() -> None:
         plan([5, 5], rows_per_micro_batch=2, token_budget=0, min_micro_batches=3)
 
 
+def test_row_lengths_reads_the_mask_with_one_host_copy_not_one_per_row() -> None:
+    """Per-row `.item()` calls each synchronise a GPU; the lengths come back in one copy instead."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron_speed.actor.batching import row_lengths
+
+    class ScalarReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            if func is torch.ops.aten._local_scalar_dense.default:
+                ScalarReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    mask = torch.zeros(6, 9)
+    for row, last in enumerate((0, 3, 8, 5, 1, 7)):
+        mask[row, 1:last + 1] = 1.0
+    with ScalarReads():
+        lengths = row_lengths(mask, 10, 6)
+    assert lengths == [2, 5, 10, 7, 3, 9]
+    assert ScalarReads.count == 0
+
+
 def test_dynamic_batching_gives_the_fixed_micro_batch_gradient(hf_dir: Path) -> None:
     """A 40-token budget packs the uneven rows into trimmed micro-batches of varying shape; the
     gradient equals that of fixed 4-row micro-batches at full length (token-mean stays exact because

@@ -336,3 +336,15 @@ def test_an_engine_tears_down_when_closed_never_when_collected(hf_dir: Path) -> 
     engine.close()  # idempotent
     with pytest.raises(RuntimeError, match="while the engine is 'closed'"):
         engine.generate(request, policy_version=0)
+
+
+def test_the_reload_reaches_the_bare_model_behind_a_cuda_graph_wrapper() -> None:
+    """With CUDA graphs (`enforce_eager=False`, the paper recipes) `model_runner.model` is a wrapper
+    without `load_weights`; the refit must load through `get_model()`, as vLLM's own reload does."""
+    from types import SimpleNamespace
+
+    from megatron_speed.rollout import compat
+
+    bare = SimpleNamespace(load_weights=lambda weights: None)
+    runner = SimpleNamespace(model=SimpleNamespace(runnable=bare), get_model=lambda: bare)
+    assert compat._model(SimpleNamespace(model_runner=runner)) is bare
