@@ -19,7 +19,8 @@ accuracy, RL steps, optimizer updates, generated tokens, the share of zero-varia
 baselines' batches, and SPEED's screening overhead (share of generated samples spent on prompts it
 rejected). Then speed-ups of SPEED over its base per mode.
 
-Run: python examples/reproduce_toy.py [--pools narrow wide] [--seeds 1 2 3] [--seconds 45]
+Run: python examples/reproduce_toy.py [--pools narrow wide] [--seeds 1 2 3] [--seconds 45] [--every 5]
+     [--targets narrow=0.72 wide=0.16]   (the defaults: what BENCHMARKS.md's issue-11 section used)
 Writes <out>/results.json and <out>/accuracy_vs_time_<pool>.png; prints the tables.
 """
 
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_speed.metrics import plot_runs  # noqa: E402
+from megatron_speed.metrics.targets import first_reach  # noqa: E402
 from megatron_speed.recipes import load_recipe  # noqa: E402
 from megatron_speed.recipes.papers import upstream_mini_batch  # noqa: E402
 
@@ -50,18 +52,8 @@ ARMS = {"RLOO": ("toy_cpu_rloo", "base"), "JS": ("toy_cpu_js", "base"),
         "DAPO": ("toy_cpu_dapo", "base"), "SPEED-DAPO upstream": ("toy_cpu_speed_dapo", "upstream"),
         "SPEED-DAPO controlled": ("toy_cpu_speed_dapo", "controlled")}
 BASE_OF = {"SPEED-RLOO": "RLOO", "SPEED-JS": "JS", "SPEED-DAPO": "DAPO"}
-# pool -> (overrides, default target held-out accuracy)
-POOLS = {"narrow": ((), 0.75), "wide": (("data.toy.max_digits=6",), 0.55)}
-
-
-def time_to_target(curve: list[list[float]], target: float) -> float | None:
-    """First RL time the accuracy reaches `target`, interpolated between evaluations; None if never."""
-    for (t0, a0), (t1, a1) in itertools.pairwise(curve):
-        if a0 >= target:
-            return t0
-        if a1 >= target:
-            return t0 + (t1 - t0) * (target - a0) / (a1 - a0)
-    return curve[-1][0] if curve and curve[-1][1] >= target else None
+# pool -> (overrides, default target held-out accuracy: the targets BENCHMARKS.md's issue-11 tables use)
+POOLS = {"narrow": ((), 0.72), "wide": (("data.toy.max_digits=6",), 0.16)}
 
 
 def arm_overrides(arm: str, pool: str) -> list[str]:
@@ -101,7 +93,7 @@ def measure(run_dir: Path, target: float) -> dict[str, Any]:
                 for r in steps_rows]
     last = steps_rows[-1] if steps_rows else {}
     generated = last.get("curriculum/samples_generated")
-    return {"time_to_target_s": time_to_target(curve, target),
+    return {"time_to_target_s": first_reach(curve, target),
             "metric": f"{set_name} {summary['set_metrics'][set_name]}",
             "warm_start": summary["warm_start_accuracy"], "final": summary["final_accuracy"],
             "steps": summary["steps"], "updates": summary["steps"] * updates_per_step,
@@ -139,7 +131,7 @@ def speedups(table: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=["RLOO", "SPEED-RLOO upstream", "SPEED-RLOO controlled", "JS",
                                                      "SPEED-JS upstream", "SPEED-JS controlled"], choices=list(ARMS))
@@ -147,13 +139,17 @@ def main() -> None:
     parser.add_argument("--targets", nargs="*", default=[], help="POOL=ACC, e.g. wide=0.5 (default per pool)")
     parser.add_argument("--seconds", type=float, default=45.0, help="RL wall-clock budget per arm")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--every", type=int, default=4, help="evaluate every K steps")
+    parser.add_argument("--every", type=int, default=5, help="evaluate every K steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variance-batches", type=int, default=0, help="JS vs RLOO gradient variance; 0 skips")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce_toy")
     parser.add_argument("--analyse-only", action="store_true", help="re-measure finished runs under --out (e.g. "
                         "for another --targets) without training")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     targets = {pool: POOLS[pool][1] for pool in POOLS} | {k: float(v) for k, v in (t.split("=") for t in args.targets)}
 
     results: dict[str, Any] = {"seconds": args.seconds, "seeds": args.seeds, "pools": {}}

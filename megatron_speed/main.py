@@ -70,3 +70,7 @@ def report(cfg: Config, out_dir: Path, summary: RunSummary, *, model_path: Path,
           f"evaluation {summary.eval_seconds:.0f} s, setup "
           f"{setup_seconds:.0f} s, total {total_seconds:.0f} s; peak memory {record['peak_memory_gib']:.2f} GiB; "
           f"logs in {out_dir}", flush=True)
+    for name, hit in summary.time_to_target.items():
+        when = "not reached" if hit["seconds"] is None else f"reached at RL {hit['seconds']:.0f} s" + (
+            "" if hit["step"] is None else f", step {hit['step']:.1f}")
+        print(f"[{cfg.run.name}] time to target {name} >= {hit['target']}: {when}", flush=True)

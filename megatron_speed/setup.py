@@ -24,6 +24,7 @@ from megatron_speed.data.templates import apply_template
 from megatron_speed.evaluate import cap_per_set, resolve_files
 from megatron_speed.memory.runtime import measured_engine_memory
 from megatron_speed.metrics import MetricsLogger
+from megatron_speed.metrics.targets import check_target_sets
 from megatron_speed.parallel import ParallelDims, init_parallel
 from megatron_speed.parallel.stop import StopOnSignal
 from megatron_speed.preflight import check_paths
@@ -193,6 +194,7 @@ def build(cfg: Config) -> Components:
     train = read_split(train_files, cfg, tokenizer, max_prompt_tokens=limit, name="train", counts=counts)
     held_out = read_split((*eval_files, *resolve_files(cfg.eval)), cfg, tokenizer, max_prompt_tokens=limit,
                           name="heldout", counts=counts)
+    check_target_sets(cfg.eval.target_map(), {r.source for r in held_out})
     rollout_here, actor_here = dims.role != "trainer", dims.role != "engine"
     # The actor first: on a GPU the engine then takes its share of what the actor left free
     # (memory/runtime.py) instead of a fixed fraction of the device that the actor may not fit beside.

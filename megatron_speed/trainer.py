@@ -25,6 +25,7 @@ from megatron_speed.evaluate import EvalReport, run_eval
 from megatron_speed.kernels import js_token_advantages_from_lengths, response_spans
 from megatron_speed.metrics import PhaseTimer
 from megatron_speed.metrics.summary import rollout_metrics, train_metrics
+from megatron_speed.metrics.targets import time_to_target
 from megatron_speed.records import TrainBatch
 from megatron_speed.rewards.scoring import score_groups
 from megatron_speed.rollout.placement import Colocated, Delivery, EngineSide, TrainerSide
@@ -43,6 +44,10 @@ class RunSummary:
     # Per held-out set: (RL seconds, its headline metric), and which metric that is ("avg@16", "greedy").
     set_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     set_metrics: dict[str, str] = field(default_factory=dict)
+    eval_steps: list[int] = field(default_factory=list)  # the RL step of each evaluation (curve point)
+    # Per `eval.targets` entry: {"target", "seconds", "step"} at which its set curve (avg@k when sampled,
+    # else greedy) first reaches the target, interpolated; None when never (metrics/targets.py).
+    time_to_target: dict[str, dict[str, float | None]] = field(default_factory=dict)
     save_seconds: float = 0.0  # checkpoints and HF exports, excluded from `seconds` as upstream does
     stopped_by_signal: bool = False  # SIGTERM (preemption): checkpointed at `steps`, the run is not over
 
@@ -64,6 +69,7 @@ class Trainer:
         self.save_seconds = 0.0
         self.set_curves: dict[str, list[tuple[float, float]]] = {}
         self.set_metrics: dict[str, str] = {}
+        self.eval_steps: list[int] = []
         self.eval_scalars: dict[str, float] = {}  # the latest evaluation's metrics (evaluate.py)
         self.warm = 0.0  # held-out accuracy before RL (restored on resume)
         self.stop_step = parts.cfg.run.steps  # the last step this process runs (see fit's stop_after)
@@ -90,7 +96,7 @@ class Trainer:
         step = self.resume(p.resume_from) if p.resume_from is not None else 0
         self.rollout.begin(step, self.resumed_rollout)
         if p.resume_from is None:
-            self.warm = self.evaluate()
+            self.warm = self.evaluate(0)
             p.logger.log(0, {**self.eval_scalars, **p.data_metrics})
         self.stop_step = cfg.run.steps if stop_after is None else min(cfg.run.steps, step + stop_after)
         while step < self.stop_step and not self._out_of_time():
@@ -115,7 +121,7 @@ class Trainer:
         if step < cfg.run.steps and not self._out_of_time():  # paused (stop_after, SIGTERM): not over
             self.rollout.end()
             return self.summary(step, final=self.curve[-1][1])
-        final = self.curve[-1][1] if self.last_eval_step == step else self.evaluate()
+        final = self.curve[-1][1] if self.last_eval_step == step else self.evaluate(step)
         if self.last_eval_step != step:
             p.logger.log(step, self.eval_scalars)
         self.rollout.end()
@@ -159,7 +165,9 @@ class Trainer:
         return RunSummary(steps=step, seconds=self._rl_seconds(), eval_seconds=self.eval_seconds,
                           warm_start_accuracy=self.warm, final_accuracy=final, accuracy_curve=list(self.curve),
                           set_curves={k: list(v) for k, v in self.set_curves.items()},
-                          set_metrics=dict(self.set_metrics), save_seconds=self.save_seconds,
+                          set_metrics=dict(self.set_metrics), eval_steps=list(self.eval_steps),
+                          time_to_target=time_to_target(self.set_curves, self.eval_steps, self.cfg.eval.target_map()),
+                          save_seconds=self.save_seconds,
                           stopped_by_signal=self.parts.stop is not None and self.parts.stop.stopped)
 
     def train_step(self, batch: TrainBatch, token_adv: torch.Tensor) -> dict[str, float]:
@@ -185,12 +193,13 @@ class Trainer:
                                f"versions old, over rollout.max_staleness={limit}")
         return ages
 
-    def evaluate(self) -> float:
+    def evaluate(self, step: int) -> float:
         """Held-out evaluation per set: greedy accuracy, plus avg@k/pass@k when `eval.k` >= 1.
 
         Returns greedy accuracy over all held-out prompts (the accuracy-vs-time curve, from which the
-        evaluation's own time is excluded). Every metric (`eval/accuracy`, `eval/<set>/...`) is kept in
-        `eval_scalars` for the step's log line, and the full report goes to `eval/step_<policy version>.json`.
+        evaluation's own time is excluded); `step` is the RL step it follows (0: the warm start). Every
+        metric (`eval/accuracy`, `eval/<set>/...`) is kept in `eval_scalars` for the step's log line, and
+        the full report goes to `eval/step_<policy version>.json`.
         """
         p = self.parts
         started = time.perf_counter()
@@ -203,6 +212,7 @@ class Trainer:
         self.eval_scalars = report.scalars()
         now, acc = self._rl_seconds(), float(report.pooled_accuracy)
         self.curve.append((now, acc))
+        self.eval_steps.append(step)
         for name, result in report.sets.items():
             self.set_metrics[name], value = result.headline
             self.set_curves.setdefault(name, []).append((now, value))
@@ -230,7 +240,7 @@ class Trainer:
         scalars = {**ready.scalars, **train_metrics(batch, stats, times), **times, **staleness_metrics(ages),
                    **self.rollout.step_metrics(ready, step - 1), "time/rl_seconds": self._rl_seconds()}
         if self._eval_due(step):
-            self.evaluate()
+            self.evaluate(step)
             scalars.update(self.eval_scalars)
             self.last_eval_step = step
         if cfg.run.save_hf_every and step % cfg.run.save_hf_every == 0:
@@ -256,7 +266,8 @@ class Trainer:
                 "curriculum": rollout["curriculum"], "history": p.logger.history, "curve": self.curve,
                 "warm_start_accuracy": self.warm, "last_eval_step": self.last_eval_step,
                 "eval_seconds": self.eval_seconds, "save_seconds": self.save_seconds,
-                "set_curves": self.set_curves, "set_metrics": self.set_metrics, "rl_seconds": self._rl_seconds()}
+                "set_curves": self.set_curves, "set_metrics": self.set_metrics, "eval_steps": self.eval_steps,
+                "rl_seconds": self._rl_seconds()}
 
     def maybe_save(self, step: int, *, force: bool = False) -> None:
         """Every `run.save_every` steps and at a pause; `force` (a stop signal) saves even with saving off."""
@@ -282,6 +293,7 @@ class Trainer:
         self.save_seconds = state.get("save_seconds", 0.0)
         self.set_curves = {k: [tuple(p) for p in v] for k, v in state.get("set_curves", {}).items()}
         self.set_metrics = dict(state.get("set_metrics", {}))
+        self.eval_steps = list(state.get("eval_steps", []))
         self.started = time.perf_counter() - state["rl_seconds"] - self.eval_seconds - self.save_seconds
         return int(state["step"])
 

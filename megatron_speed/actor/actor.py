@@ -361,7 +361,7 @@ class MegatronActor:
         """One RL step: optimizer updates over mini-batches of `optim.mini_batch_size` trajectories
         (of the full batch; each data-parallel rank trains on its share of every mini-batch). The LR
         schedule advances after every update or once at the end, as `optim.lr_schedule_unit` says;
-        the returned "lr" is the mean LR the step's updates used."""
+        the returned "lr" is the mean LR the step's updates used, "optimizer_updates" their count."""
         stats: dict[str, float] = {}
         size = self.optim_cfg.mini_batch_size
         ref = self.compute_logprobs(tokens, reference=True, mask=mask) if self.algorithm_cfg.kl_coef > 0 else None
@@ -379,6 +379,7 @@ class MegatronActor:
         # Share of the computed positions (all micro-batches, ranks and updates) that were padding.
         computed, real = stats.pop("computed_tokens"), stats.pop("real_tokens")
         stats["actor/padding_fraction"] = 1.0 - real / max(computed, 1.0)
+        stats["optimizer_updates"] = float(updates)
         routing = self.router_metrics.collect() if self.router_metrics is not None else {}
         return {**{k: (v / updates if k in ("loss", "grad_norm", "lr") else v) for k, v in stats.items()}, **routing}
 

@@ -325,10 +325,19 @@ class EvalConfig(Section):
     # Greedy decoding of every held-out prompt. The papers sample only (their mean@k at T = 1.0), so
     # their recipes turn it off; a sampled set's headline metric is then its avg@k.
     greedy: bool = True
+    # "SET=ACC" entries: report the RL seconds and step at which SET's headline metric (avg@k when
+    # sampled, else greedy accuracy) first reaches ACC (metrics/targets.py), in summary.json's
+    # `time_to_target`. "A+B=ACC" targets the mean of several sets, e.g. "aime24+aime25=0.18".
+    targets: tuple[str, ...] = ()
 
     def set_k(self) -> dict[str, int]:
         """`k_by_set` as {set name: k} (validated by `check`)."""
         return {name.strip(): int(kk) for name, kk in (entry.rsplit("=", 1) for entry in self.k_by_set)}
+
+    def target_map(self) -> dict[str, float]:
+        """`targets` as {set name or "a+b": target accuracy} (validated by `check`)."""
+        return {"+".join(p.strip() for p in name.split("+")): float(acc)
+                for name, acc in (entry.rsplit("=", 1) for entry in self.targets)}
 
     def check(self) -> None:
         require(self.every >= 0, "every", self.every, "must be >= 0", "use 0 to evaluate only at the ends")
@@ -343,6 +352,10 @@ class EvalConfig(Section):
             name, _, kk = entry.rpartition("=")
             require(bool(name.strip()) and kk.isdigit(), "k_by_set", self.k_by_set,
                     f"entry {entry!r} is not SET=K", "write entries like aime24=16 (K >= 0; 0 = greedy only)")
+        for entry in self.targets:
+            self._check_target(entry)
+        require(len(self.target_map()) == len(self.targets), "targets", self.targets, "names a set twice",
+                "keep one target per set (or per A+B mean)")
         require(self.greedy or self.k >= 1, "greedy", self.greedy,
                 "is off while eval.k = 0: a set without samples would have no metric at all",
                 "set eval.k >= 1 (or eval.greedy=true)")
@@ -350,6 +363,17 @@ class EvalConfig(Section):
         require(all(1 <= j <= min(ks, default=0) for j in self.pass_at), "pass_at", self.pass_at,
                 f"must hold values in 1..k for every sampled set (smallest k = {min(ks, default=0)})",
                 "raise eval.k / eval.k_by_set or drop the larger values")
+
+    def _check_target(self, entry: str) -> None:
+        name, _, acc = entry.rpartition("=")
+        fix = "write entries like math500=0.8 or aime24+aime25=0.18 (an accuracy in (0, 1])"
+        require(bool(name) and all(p.strip() for p in name.split("+")), "targets", self.targets,
+                f"entry {entry!r} is not SET=ACC or SET+SET=ACC", fix)
+        try:
+            value = float(acc)
+        except ValueError:
+            value = float("nan")
+        require(0 < value <= 1, "targets", self.targets, f"entry {entry!r} has no accuracy in (0, 1]", fix)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -21,6 +21,8 @@ JSPO paper does (drop-in for RLOO/DAPO).
 | eval (every 25 steps)| sampled only, T = 1.0: AIME24/25 mean@16, AMC23 (83 problems) mean@4,    ||
 |                      | MATH500 and DAPO-17k held-out 1k mean@1; 1.5B NuminaMath RLOO cells: ||
 |                      | AIME mean@4, AMC mean@1 (the k of the papers' own metrics files)   ||
+| time-to-target       | 7B: DAPO-1k 0.45, MATH500 0.80, AMC23 0.55, AIME mean(24, 25) 0.18; ||
+|                      | 1.5B: 0.30 / 0.70 / 0.40 / 0.10 (the paper's main table, §1.6)     ||
 | hardware             | 1 node x 4 GPUs (80 GB) for both sizes; 7B uses actor TP=2         ||
 
 Updates per RL step: upstream counts `ppo_mini_batch_size` (16) in prompts and multiplies it by
@@ -96,6 +98,13 @@ def eval_k_by_set(model_key: str, dataset: str, base: str) -> tuple[str, ...]:
     return (f"aime24={aime}", f"aime25={aime}", f"amc23={amc}", "math500=1", "dapo17k_heldout=1")
 
 
+def paper_targets(model_key: str) -> tuple[str, ...]:
+    """The SPEED paper's accuracy targets for its time-to-target table (reference/algorithms.md §1.6),
+    on each set's avg@k curve; AIME is the mean of AIME24 and AIME25."""
+    dapo, math500, amc, aime = (0.45, 0.80, 0.55, 0.18) if model_key == "qwen2.5-math-7b" else (0.30, 0.70, 0.40, 0.10)
+    return (f"dapo17k_heldout={dapo}", f"math500={math500}", f"amc23={amc}", f"aime24+aime25={aime}")
+
+
 def upstream_mini_batch(prompts_per_step: int, samples_per_call_prompt: int) -> int:
     """verl's mini-batch in trajectories: `ppo_mini_batch_size` prompts x `rollout.n` (SPEED: n_init)."""
     return prompts_per_step * samples_per_call_prompt
@@ -140,7 +149,7 @@ def speed_paper(model_key: str, dataset: str, *, base: str, speed: bool, js: boo
                           micro_batch_size=8, micro_batch_tokens=16384, use_distributed_optimizer=True),
         eval=EvalConfig(every=25, max_prompts=1000, files=EVAL_SETS, data_dir=data_dir(), k=4,
                         k_by_set=eval_k_by_set(model_key, dataset, base), temperature=1.0, top_p=1.0,
-                        greedy=False),
+                        greedy=False, targets=paper_targets(model_key)),
     )
 
 
@@ -150,7 +159,8 @@ def jspo_qwen3_4b_dapo17k() -> Config:
     clip 0.2/0.28 with verl's default dual-clip 3.0 and weight decay 0.01, token-mean, no KL, the
     `qwen-math` chat template (system turn "Please reason step by step and put the final answer in
     \\boxed{}."); eval every 10 steps, AIME24/25 at T=0.6, top_p 0.95, n=16. Hardware: the script asks
-    for 1 node x 4 H100 (80 GB). Difference kept: we train on DAPO-17k minus our 1k held-out split."""
+    for 1 node x 4 H100 (80 GB). Difference kept: we train on DAPO-17k minus our 1k held-out split.
+    No `eval.targets`: the JSPO paper reports accuracies, not times to a target."""
     base = speed_paper("qwen2.5-math-7b", "dapo17k", base="dapo", speed=False, js=True)
     return dataclasses.replace(
         base,
@@ -163,7 +173,7 @@ def jspo_qwen3_4b_dapo17k() -> Config:
         optim=dataclasses.replace(base.optim, lr_warmup_steps=0, weight_decay=0.01,
                                   mini_batch_size=upstream_mini_batch(128, 4)),
         eval=dataclasses.replace(base.eval, every=10, files=("aime24", "aime25"), k=16, k_by_set=(),
-                                 temperature=0.6, top_p=0.95),
+                                 temperature=0.6, top_p=0.95, targets=()),
     )
 
 

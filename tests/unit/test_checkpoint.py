@@ -90,6 +90,7 @@ def test_resumed_run_is_bitwise_the_uninterrupted_run(tmp_path: Path) -> None:
         assert a == b, {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
     assert resumed.final_accuracy == straight.final_accuracy
     assert resumed.accuracy_curve[-1][1] == straight.accuracy_curve[-1][1]
+    assert resumed.eval_steps == straight.eval_steps  # time to target's RL steps survive the pause
     a, b = _weights(tmp_path / "straight" / "hf" / "final"), _weights(tmp_path / "split" / "hf" / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

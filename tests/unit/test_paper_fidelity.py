@@ -160,3 +160,33 @@ def test_lr_of_the_first_12_rl_steps_follows_verl(tmp_path: Path, unit: str) -> 
             assert updates == pytest.approx([expected[k]] * 6, abs=1e-12), k
     else:  # megatron's unit warms up over 10 optimizer updates: already at full LR in RL step 2
         assert seen[1][-1] != pytest.approx(expected[1]) and seen[2][0] == pytest.approx(lr)
+
+
+@pytest.mark.slow
+def test_speed_recipe_lr_follows_verl_through_the_trainer(tmp_path: Path) -> None:
+    """`toy_cpu_speed_rloo` in upstream mode (mini-batch = prompts x n_init as verl counts it, schedule in
+    RL steps; examples/reproduce_toy.arm_overrides) with 10 warm-up RL steps, run for 12 RL steps by the
+    real loop (`main.run`): the `train/lr` each step logs in metrics.jsonl is verl's lr * min(1, k/10)
+    for RL step k = 0..11, while the actor made 6 optimizer updates in every one of those steps."""
+    import json
+
+    from megatron_speed.main import run
+    from megatron_speed.recipes.papers import upstream_mini_batch
+
+    prompts, n_init, n_continue = 4, 4, 20  # the paper's 4 + 20 samples per trained prompt
+    mini = upstream_mini_batch(prompts, n_init)
+    cfg = load_recipe("toy_cpu_speed_rloo", [
+        f"run.output_dir={tmp_path}", "run.steps=12", "eval.every=0", "eval.max_prompts=4",
+        "metrics.progress_bar=false", "metrics.tensorboard=false", "metrics.plot=false",
+        f"curriculum.prompts_per_step={prompts}", f"curriculum.n_init={n_init}", f"curriculum.n_continue={n_continue}",
+        "curriculum.screen_prompts_per_call=16", f"optim.mini_batch_size={mini}", f"optim.micro_batch_size={mini}",
+        "optim.lr_schedule_unit=rl_step", "optim.lr_warmup_steps=10",
+        "data.toy.max_digits=2", "data.toy.train_size=400", "data.toy.eval_size=8", "model.warmup.steps=60"])
+    assert cfg.updates_per_step == prompts * (n_init + n_continue) // mini == 6
+    assert run(cfg).steps == 12
+    rows = [json.loads(line) for line in (tmp_path / "toy_cpu_speed_rloo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["step"] >= 1 and "train/lr" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert all(r["train/optimizer_updates"] == 6 for r in steps)
+    expected = [_verl_constant_with_warmup(cfg.optim.lr, 10, k) for k in range(12)]
+    assert [r["train/lr"] for r in steps] == pytest.approx(expected, abs=1e-12)

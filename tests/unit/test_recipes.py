@@ -22,6 +22,16 @@ def test_every_recipe_validates(name: str) -> None:
     assert load_recipe(name).run.name == name
 
 
+def test_toy_recipes_grade_the_last_box_and_paper_recipes_the_whole_response() -> None:
+    """Issue 11: the papers score with math-verify on the whole response; the toy keeps the last-box grader."""
+    from megatron_speed.recipes.toy import TOY_RECIPES
+
+    assert TOY_RECIPES and PAPER_RECIPES
+    assert {name: f().rewards.grader for name, f in TOY_RECIPES.items()} == dict.fromkeys(TOY_RECIPES, "math_verify")
+    assert {name: f().rewards.grader for name, f in PAPER_RECIPES.items()} == dict.fromkeys(PAPER_RECIPES,
+                                                                                             "math_verify_response")
+
+
 def test_grid_is_complete_and_named_consistently() -> None:
     grid = [n for n in PAPER_RECIPES if "qwen2.5-math" in n]
     assert len(grid) == 2 * 3 * 2 * 2 * 2

@@ -4,6 +4,7 @@ per-set headline metrics it reads, on hand-made runs whose answers are known."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,11 +17,18 @@ import reproduce_toy as rt
 from megatron_speed.evaluate import EvalReport, SetResult
 
 
-def test_time_to_target_interpolates_and_reports_never() -> None:
-    curve = [[0.0, 0.6], [10.0, 0.7], [20.0, 0.8]]
-    assert rt.time_to_target(curve, 0.75) == pytest.approx(15.0)
-    assert rt.time_to_target(curve, 0.6) == 0.0
-    assert rt.time_to_target(curve, 0.9) is None
+def test_defaults_are_what_benchmarks_reports() -> None:
+    """The issue-11 section of BENCHMARKS.md states its --every and targets; the script's defaults are those
+    (time to target itself is the package's `metrics.targets.first_reach`, tested in test_targets.py)."""
+    text = (Path(rt.ROOT) / "BENCHMARKS.md").read_text()
+    section = text[text.index("(issue 11)"):]
+    section = section[:section.index("\n## ")] if "\n## " in section else section
+    command = " ".join(section[section.index("Command:"):].split())
+    every = re.search(r"--every (\d+)", command)
+    targets = re.search(r"--targets narrow=([\d.]+) wide=([\d.]+)", command)
+    assert every and targets, command
+    assert rt.build_parser().parse_args([]).every == int(every.group(1))
+    assert (rt.POOLS["narrow"][1], rt.POOLS["wide"][1]) == (float(targets.group(1)), float(targets.group(2)))
 
 
 def _run(tmp: Path, name: str, *, curve: list[list[float]], speed: bool, mini: int, zero: list[int]) -> Path:
