@@ -114,8 +114,10 @@ class RolloutConfig(Section):
     # curriculum beside them), the others the actor; the two overlap, `max_staleness` bounding the lag.
     placement: Literal["colocated", "disaggregated"] = "colocated"
     num_ranks: int = 0  # engine ranks in disaggregated mode (a multiple of tensor_parallel_size); 0 when colocated
-    # Disaggregated only: a trained sample is at most this many policy versions older than the weights it
-    # trains (the engines wait rather than run further ahead). 0 = synchronous, exactly the colocated loop.
+    # Disaggregated only. N >= 1 is a hard bound: no trained sample is more than N policy versions older
+    # than the weights it trains (the engines wait rather than run further ahead). 0 = synchronous,
+    # exactly the colocated loop, ages included (no bound): SPEED's screening samples are one version
+    # old and buffered groups older, as far as curriculum.max_staleness allows.
     max_staleness: int = 0
 
     def check(self) -> None:

