@@ -3,11 +3,16 @@
 # H100/H200 host whose image has torch 2.11 + triton 3.6 + transformers but no megatron-core or vLLM.
 #
 #   tools/gpu_check.sh [--plan] [--stage 1|2|all] [--wheels DIR] OUT_DIR
+#   tools/gpu_check.sh --pins        # the extra pins to stage: ../shared/gpu/stage-wheels.sh $(tools/gpu_check.sh --pins)
 #
-# Stage 1 (needs the megatron-core and math-verify wheels, a few MiB, in --wheels DIR):
-#   the kernel's GPU tests (pytest -m gpu), tools/bench_js_kernel.py and tools/bench_actor.py at small sizes.
+# Stage 1 (needs the megatron-core, math-verify and pytest wheels, a few MiB, in --wheels DIR):
+#   the kernels' GPU tests (pytest -m gpu: the James-Stein kernel, compiled FlexAttention for packed rows),
+#   tools/bench_js_kernel.py, and tools/bench_actor.py at small sizes on full rows (local vs SDPA) and on
+#   RL-shaped long-tail rows (padded vs packed).
 # Stage 2 (needs the staged vLLM wheels too: ../shared/gpu/stage-wheels.sh, unpacked into --wheels DIR):
 #   the engine's GPU test (sleep/wake, bucketed refit) and tools/bench_rollout.py at small sizes.
+# The image has no pytest: its wheels (pytest, iniconfig, pluggy, pygments: pytest 9.2's requirements on
+# Python 3.12, and packaging, installed only where the image lacks packaging>=24) are staged with --pins.
 # Each stage writes under OUT_DIR/stage<N>/: every command's log, the benchmarks' JSON, pytest's junit XML,
 # and summary.json + summary.md (tools/gpu_check_report.py): status and seconds per command, the figures.
 # Wheels are installed with --no-deps into a private target (GPU_CHECK_SITE, default /tmp/site), never into
@@ -22,10 +27,13 @@ wheels=${GPU_CHECK_WHEELS:-/tmp/stage/w}
 plan=0
 stages="1 2"
 out=""
+# pytest as pinned in pyproject.toml's `test` extra, and its requirements (tests/unit/test_gpu_check.py checks both).
+test_pins="pytest==9.2.0 iniconfig==2.3.1 pluggy==1.7.0 pygments==2.21.0 packaging==26.4"
 
-usage() { sed -n '4,5p' "$0" | sed 's/^# *//' >&2; exit 2; }
+usage() { sed -n '4,6p' "$0" | sed 's/^# *//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
+    --pins) echo "$test_pins"; exit 0 ;;
     --plan) plan=1 ;;
     --stage) shift; case "${1:-}" in 1|2) stages=$1 ;; all) stages="1 2" ;; *) usage ;; esac ;;
     --wheels) shift; wheels=${1:-}; [ -n "$wheels" ] || usage ;;
@@ -42,9 +50,10 @@ stage_commands() {
   local dir=$1
   case "$2" in
     1)
-      echo "kernel_gpu_tests|100|$py -m pytest -q -m gpu tests/gpu/test_js_kernel_gpu.py --junitxml=$dir/kernel_gpu_tests.xml"
-      echo "bench_js_kernel|60|$py tools/bench_js_kernel.py --rows 1024 8192 --tokens 1024 8192 --skip-compile --rep-ms 50 --out $dir/bench_js_kernel.json"
-      echo "bench_actor|130|$py tools/bench_actor.py --shape qwen2.5-0.5b --seq 2048 --micro-batches 2 --steps 3 --warmup 1 --backends local sdpa --cache $out/models --out $dir/bench_actor.json"
+      echo "kernel_gpu_tests|100|$py -m pytest -q -m gpu tests/gpu/test_js_kernel_gpu.py tests/gpu/test_packed_attention_gpu.py --junitxml=$dir/kernel_gpu_tests.xml"
+      echo "bench_js_kernel|40|$py tools/bench_js_kernel.py --rows 1024 8192 --tokens 1024 8192 --skip-compile --rep-ms 50 --out $dir/bench_js_kernel.json"
+      echo "bench_actor|70|$py tools/bench_actor.py --shape qwen2.5-0.5b --seq 2048 --micro-batches 2 --steps 3 --warmup 1 --backends local sdpa --cache $out/models --out $dir/bench_actor.json"
+      echo "bench_actor_packing|85|$py tools/bench_actor.py --shape qwen2.5-0.5b --seq 2048 --lengths longtail --batching fixed packed --backends sdpa --micro-batch 4 --micro-batches 2 --micro-batch-tokens 8192 --steps 2 --warmup 1 --cache $out/models --out $dir/bench_actor_packing.json"
       ;;
     2)
       echo "engine_gpu_tests|120|$py -m pytest -q -m gpu tests/gpu/test_engine_gpu.py --junitxml=$dir/engine_gpu_tests.xml"
@@ -56,15 +65,26 @@ stage_commands() {
 # Which wheels a stage installs (globs under --wheels DIR): stage 1 the small ones, stage 2 all of them.
 stage_wheels() {
   case "$1" in
-    1) echo "megatron_core-*.whl math_verify-*.whl latex2sympy2_extended-*.whl antlr4_python3_runtime-*.whl" ;;
+    1) echo "megatron_core-*.whl math_verify-*.whl latex2sympy2_extended-*.whl antlr4_python3_runtime-*.whl" \
+            "pytest-*.whl iniconfig-*.whl pluggy-*.whl pygments-*.whl packaging-*.whl" ;;
     2) echo "*.whl" ;;
   esac
 }
 
+# The image's own packaging (torch and transformers use it) is kept unless it is missing or older than pytest needs.
+image_has_packaging() {
+  $py -c 'import packaging, sys; sys.exit(int(packaging.__version__.split(".")[0]) < 24)' 2>/dev/null
+}
+
 install_wheels() {
-  local files=() pattern
+  local files=() pattern keep_packaging=0
+  image_has_packaging && keep_packaging=1
   for pattern in $(stage_wheels "$1"); do
-    for f in "$wheels"/$pattern; do [ -e "$f" ] && files+=("$f"); done
+    for f in "$wheels"/$pattern; do
+      [ -e "$f" ] || continue
+      [ "$keep_packaging" -eq 1 ] && [[ $(basename "$f") == packaging-* ]] && continue
+      files+=("$f")
+    done
   done
   if [ ${#files[@]} -eq 0 ]; then
     echo "gpu_check: no wheels matching '$(stage_wheels "$1")' in $wheels (--wheels DIR)" >&2
@@ -96,7 +116,8 @@ run_stage() {
 
 if [ "$plan" -eq 1 ]; then
   for stage in $stages; do
-    echo "stage $stage: install $(stage_wheels "$stage") from $wheels into $site (pip --no-index --no-deps --target)"
+    echo "stage $stage: install $(stage_wheels "$stage") from $wheels into $site (pip --no-index --no-deps --target;" \
+         "packaging only where the image lacks packaging>=24)"
     stage_commands "$out/stage$stage" "$stage" | while IFS='|' read -r name limit cmd; do
       echo "stage $stage: $name (timeout ${limit}s): $cmd"
     done

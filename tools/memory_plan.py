@@ -1,5 +1,7 @@
 """Per-GPU memory plan of a recipe: weights, gradients, optimizer shards, activations, logits, engine
-weights and KV cache, by phase (train with the engine asleep, refit, generate), and a verdict.
+weights and KV cache, by phase (train with the engine asleep, refit, generate), and a verdict. The
+activations at the micro-batch token budget and the train phase are also given both without and with
+recompute (`model.recompute=none` / `full`), whichever the recipe sets.
 
     python tools/memory_plan.py speed_rloo__qwen2.5-math-7b__dapo17k --gpus 4 --gpu-memory-gib 80
     python tools/memory_plan.py jspo__qwen3-4b-base__dapo17k optim.micro_batch_tokens=8192 --gpu-memory-gib 141
@@ -16,6 +18,7 @@ Exit status: 0 fits, 1 does not fit, 2 bad arguments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import asdict
@@ -56,6 +59,32 @@ def table(result: Plan, shape: ModelShape) -> str:
     return "\n".join(lines)
 
 
+ACTIVATIONS = "activations (one micro-batch per stage ahead)"
+TRAIN = "train (engine asleep)"
+
+
+def by_recompute(result: Plan, shape: ModelShape) -> dict[str, dict[str, int]]:
+    """Activations and the train phase with `model.recompute` none and full, everything else as planned."""
+    out = {}
+    for mode in ("none", "full"):
+        other = plan(shape, dataclasses.replace(result.inputs, recompute=mode))
+        out[mode] = {"activations": other.items[ACTIVATIONS], "train": other.phases[TRAIN]}
+    return out
+
+
+def recompute_table(result: Plan, shape: ModelShape) -> str:
+    i = result.inputs
+    lines = [f"| activations at the {i.micro_batch_tokens}-token micro-batch budget | activations GiB | "
+             f"{TRAIN} GiB |", "|---|---|---|"]
+    for mode, figures in by_recompute(result, shape).items():
+        configured = " (configured)" if mode == i.recompute else ""
+        lines.append(f"| model.recompute={mode}{configured} | {figures['activations'] / GIB:.2f} | "
+                     f"{figures['train'] / GIB:.2f} |")
+    if i.recompute not in ("none", "full"):
+        lines.append(f"\n(model.recompute={i.recompute} is planned as none: its savings are not modelled)")
+    return "\n".join(lines)
+
+
 def verdict(result: Plan, shape: ModelShape) -> tuple[str, list[str] | None]:
     if result.fits:
         return "fits", []
@@ -89,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     result = plan(shape, inputs)
     text, fix = verdict(result, shape)
     print(table(result, shape))
+    print("\n" + recompute_table(result, shape))
     print(f"\nverdict (estimate): {text}")
     payload = {"recipe": args.recipe, "overrides": args.overrides, "model": asdict(shape),
                "params": shape.total_params(), "inputs": asdict(inputs), "bytes": result.items,
-               "phases_bytes": result.phases, "kv_tokens": result.kv_tokens, "fits": result.fits,
+               "phases_bytes": result.phases,
+               "by_recompute_bytes": by_recompute(result, shape), "kv_tokens": result.kv_tokens, "fits": result.fits,
                "problems": result.problems(), "fix": fix, "estimate": True}
     print(json.dumps(payload))
     if args.json is not None:

@@ -211,30 +211,40 @@ class _Tiling:
 
     group_block: int  # groups per program of the statistics kernel
     member_block: int  # members of each group loaded at once
+    stats_warps: int  # warps per program of the statistics kernel
     totals_block: int  # lanes of the batch re-reduction
     row_block: int
     token_block: int
+    token_warps: int  # warps per program of the token kernel
     programs: int  # cap on the persistent grid
-    num_warps: int
 
 
 @dataclass(frozen=True)
 class _Limits:
     """Upper bounds for `_Tiling`, per backend (elements unless said otherwise)."""
 
-    tile: int  # output elements per [row block, token block] tile
+    rows: int  # row block of the token kernel
     tokens: int  # token block
+    vector_bytes: int  # bytes each lane stores per row of a token tile
     totals: int  # lanes of the batch re-reduction
+    totals_per_thread: int  # ... and at most this many per thread
     members: int  # member block of the statistics kernel
     stats: int  # groups x members per statistics program
-    programs: int  # persistent programs per SM (GPU) or in all (interpreter)
+    programs: int  # persistent programs per SM (GPU) or in all (interpreter), at `num_warps` warps each
     num_warps: int
 
 
-# GPU: 16 KiB fp32 output tiles over 8 warps, 4 resident programs per SM to hide the gather latency.
-# Interpreter: tiny blocks and 3 programs, so small test inputs exercise every loop of both kernels.
-_GPU = _Limits(tile=4096, tokens=1024, totals=1024, members=1024, stats=1024, programs=4, num_warps=8)
-_INTERPRETER = _Limits(tile=64, tokens=16, totals=8, members=4, stats=8, programs=3, num_warps=1)
+# GPU: a token tile is 4 rows x (32 lanes x one 128-bit vector x up to 8 warps), so every row width
+# compiles to the same per-lane work (4 rows x one 16-byte vector per token block) and each lane's 4 rows
+# are adjacent (span loads are 128-bit too). Narrow rows take fewer warps per program and proportionally
+# more programs per SM (32 resident warps either way, the register budget the compile test checks). A
+# constant 4096-element tile would put 32 rows on 8 warps for 128-token rows: 4 non-adjacent rows per
+# lane, scalar span loads and 87-94 registers on sm_90. Interpreter: tiny blocks and 3 programs, so small
+# inputs exercise every loop of both kernels.
+_GPU = _Limits(rows=4, tokens=1024, vector_bytes=16, totals=1024, totals_per_thread=4, members=1024, stats=1024,
+               programs=4, num_warps=8)
+_INTERPRETER = _Limits(rows=4, tokens=16, vector_bytes=16, totals=8, totals_per_thread=8, members=4, stats=8,
+                       programs=3, num_warps=1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -242,15 +252,22 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _tiling(limits: _Limits, num_rows: int, num_tokens: int, num_groups: int, *, sm_count: int = 1) -> _Tiling:
-    """Block sizes from shapes only: the member block follows the mean group size N/G."""
+def _tiling(limits: _Limits, num_rows: int, width: int, num_groups: int, element_size: int, *,
+            sm_count: int = 1) -> _Tiling:
+    """Block sizes from shapes only. `width` is the output's row stride (every column of it is written);
+    the member block follows the mean group size N/G."""
     mean_group = -(-num_rows // max(num_groups, 1))
     member_block = min(triton.next_power_of_2(max(mean_group, 1)), limits.members)
-    token_block = min(triton.next_power_of_2(max(num_tokens, 1)), limits.tokens)
+    per_warp = 32 * max(1, limits.vector_bytes // element_size)  # one vector per lane and row
+    token_block = min(max(triton.next_power_of_2(max(width, 1)), per_warp), limits.tokens)
+    token_warps = max(1, min(limits.num_warps, token_block // per_warp))
+    totals_block = min(triton.next_power_of_2(max(num_groups, 1)), limits.totals,
+                       limits.totals_per_thread * 32 * token_warps)
     return _Tiling(group_block=max(1, limits.stats // member_block), member_block=member_block,
-                   totals_block=min(triton.next_power_of_2(max(num_groups, 1)), limits.totals),
-                   row_block=max(1, min(limits.tile // token_block, triton.next_power_of_2(max(num_rows, 1)))),
-                   token_block=token_block, programs=limits.programs * sm_count, num_warps=limits.num_warps)
+                   stats_warps=limits.num_warps, totals_block=totals_block,
+                   row_block=min(limits.rows, triton.next_power_of_2(max(num_rows, 1))), token_block=token_block,
+                   token_warps=token_warps,
+                   programs=limits.programs * (limits.num_warps // token_warps) * sm_count)
 
 
 def _empty(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -279,13 +296,13 @@ def plan_launches(rewards: Tensor, group_offsets: Tensor, layout: TokenLayout, o
     if limits is None:
         limits = _GPU if rewards.device.type == "cuda" else _INTERPRETER
     num_rows, num_groups, num_tokens = rewards.numel(), group_offsets.numel() - 1, layout.num_tokens
-    tiling = _tiling(limits, num_rows, num_tokens, num_groups, sm_count=sm_count)
+    tiling = _tiling(limits, num_rows, out.stride(0), num_groups, out.element_size(), sm_count=sm_count)
     sums = _empty(num_groups, torch.float32, rewards.device)
     noise = _empty(num_groups, torch.float32, rewards.device)
     row_group = _empty(num_rows, torch.int32, rewards.device)
     stats = Launch(_group_stats_kernel, (triton.cdiv(num_groups, tiling.group_block),),
                    (rewards, group_offsets, sums, noise, row_group, num_groups),
-                   {"BLOCK_G": tiling.group_block, "BLOCK_M": tiling.member_block, "num_warps": tiling.num_warps})
+                   {"BLOCK_G": tiling.group_block, "BLOCK_M": tiling.member_block, "num_warps": tiling.stats_warps})
     has_mask = layout.mask is not None
     mask = layout.mask if has_mask else out  # placeholders are never read: HAS_MASK prunes that path
     start = layout.start if not has_mask else group_offsets
@@ -297,7 +314,7 @@ def plan_launches(rewards: Tensor, group_offsets: Tensor, layout: TokenLayout, o
                      0.0 if force_lambda is None else force_lambda),
                     {"HAS_MASK": has_mask, "PAPER": paper, "FORCE": force_lambda is not None,
                      "BLOCK_G": tiling.totals_block, "BLOCK_R": tiling.row_block, "BLOCK_T": tiling.token_block,
-                     "num_warps": tiling.num_warps})
+                     "num_warps": tiling.token_warps})
     return [stats, tokens]
 
 

@@ -1,22 +1,28 @@
 """PNG plots of held-out accuracy against wall-clock time, the figure the project is judged by.
 
 Uses matplotlib's object API with the Agg canvas directly, so plotting never touches pyplot's
-global state or needs a display. Points are `(wall_seconds, accuracy)`; they are plotted in the
-order given (callers log them in time order).
+global state or needs a display. matplotlib is imported only when a plot is drawn: the trainer, the
+tools and the GPU tests import this package on hosts whose image has no matplotlib (tools/gpu_check.sh).
+Points are `(wall_seconds, accuracy)`; they are plotted in the order given (callers log them in time
+order).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
 def _new_axes(title: str) -> tuple[Figure, Axes]:
     """A figure with one labelled axes on an Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7.0, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)

@@ -8,11 +8,16 @@ to 1: what the JIT would see on the GPU), deduplicated, and compiled. Each compi
 
 * no approximate division (`div.full.f32` / `div.approx`): the per-group and per-row math divides with
   `tl.div_rn`, correctly rounded as in the interpreter and in PyTorch;
-* 128-bit global stores of the token tiles (every `st.global` of the token kernel is `.v4`), and on
-  the mask layout 128-bit mask loads (no byte-wide `ld.global.b8`/`.u8`);
+* 128-bit global accesses (`v4.b32`, `v2.b64` or `b128`) for the token-tile stores, the mask loads and
+  the span (start/length) loads, each found by its source line in the LLVM IR's debug locations;
 * no local memory (no spills: cuobjdump `LOCAL:0`, no `.local` in the PTX);
-* at most REGISTER_BOUND (64) registers per thread (cuobjdump `REG`), so the 4 programs of 8 warps that
-  the persistent grid places on each SM are resident together.
+* at most REGISTER_BOUND (64) registers per thread (cuobjdump `REG`): the persistent grid keeps 32
+  warps resident per SM at every row width (js_triton._GPU), and 32 warps x 32 threads x 64 registers
+  is an SM's register file (65536 on sm_80 and sm_90).
+
+The trainer's row width T is the longest row of each batch (curriculum/batch.py), so it is swept: every
+power-of-two boundary of the token block from 1 to 1025, widths that are not multiples of 16, and the
+longest row each James-Stein recipe allows, at each recipe's N and G.
 
 The Triton here is 3.9.0 (the CPU set); the GPU host runs torch 2.11.0's triton 3.6.0, whose lowering
 tools/gpu_check.sh exercises on the device.
@@ -20,12 +25,18 @@ tools/gpu_check.sh exercises on the device.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -41,9 +52,12 @@ from megatron_speed.recipes.papers import PAPER_RECIPES  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import bench_js_kernel  # noqa: E402
 
-REGISTER_BOUND = 64  # 4 resident programs (js_triton._GPU) x 8 warps x 32 threads x 64 = 65536, an SM's register file
+REGISTER_BOUND = 64  # 32 resident warps per SM (js_triton._GPU) x 32 threads x 64 = 65536, an SM's register file
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
 PROMPT_TOKENS = 1024  # the paper recipes' prompt limit; the trainer's row width is prompt + response - 1
+# Row widths around every token block boundary (128, 256, 512, 1024 fp32 elements) and not multiples of 16.
+TRAINER_WIDTHS = (1, 15, 16, 17, 127, 128, 129, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025)
+WIDE_ACCESS = re.compile(r"\.(v4\.[bfus]32|v2\.[bfus]64|b128)\b")
 
 
 @dataclass(frozen=True)
@@ -59,16 +73,19 @@ class Case:
 
 
 def trainer_cases() -> set[Case]:
-    """The trainer calls the lengths layout with float32 output for every James-Stein paper recipe."""
+    """The trainer calls the lengths layout with float32 output for every James-Stein paper recipe, with
+    N = trajectories per step, G = prompts per step and T = the batch's longest row (any width up to
+    prompt + response - 1)."""
     cases = set()
     for make in PAPER_RECIPES.values():
         cfg = make()
         if cfg.algorithm.advantage != "js":
             continue
-        tokens = PROMPT_TOKENS + cfg.rollout.max_new_tokens - 1
-        for paper in (False, True):  # algorithm.js_lambda_variant
-            cases.add(Case(cfg.trajectories_per_step, tokens, cfg.curriculum.prompts_per_step, "lengths",
-                           torch.float32, paper))
+        longest = PROMPT_TOKENS + cfg.rollout.max_new_tokens - 1
+        for tokens in {*TRAINER_WIDTHS, longest}:
+            for paper in (False, True):  # algorithm.js_lambda_variant
+                cases.add(Case(cfg.trajectories_per_step, tokens, cfg.curriculum.prompts_per_step, "lengths",
+                               torch.float32, paper))
     return cases
 
 
@@ -107,15 +124,6 @@ def specialise(launch: js_triton.Launch, target: GPUTarget) -> tuple[ASTSource, 
     return ASTSource(kernel, signature, constexprs, attrs), options.__dict__
 
 
-@dataclass(frozen=True)
-class Compiled:
-    name: str
-    ptx: str
-    registers: int
-    local_bytes: int
-    has_mask: bool
-
-
 def resource_usage(cubin: bytes, tmp: Path) -> tuple[int, int]:
     """(registers per thread, local memory bytes) as cuobjdump reports them for the cubin's kernel."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -126,31 +134,84 @@ def resource_usage(cubin: bytes, tmp: Path) -> tuple[int, int]:
     return int(re.search(r"REG:(\d+)", report).group(1)), int(re.search(r"LOCAL:(\d+)", report).group(1))
 
 
-@functools.cache
-def compiled_for(arch: str) -> list[Compiled]:
-    """Every distinct specialisation of the trainer's and the benchmark's calls, compiled for `arch`."""
-    import tempfile
+@dataclass(frozen=True)
+class Compiled:
+    name: str
+    ptx: str
+    registers: int
+    local_bytes: int
+    has_mask: bool
+    accesses: dict[str, frozenset[str]]  # "token store", "mask load", ... -> the instructions lowered from it
 
-    target, seen, out = TARGETS[arch], set(), []
+
+def access_lines() -> dict[str, int]:
+    """The source line (in js_triton.py) of each global access that must be 128 bits wide."""
+    text = Path(js_triton.__file__).read_text().splitlines()
+    needles = {"token store": "tl.store(out_ptr", "mask load": "tl.load(mask_ptr",
+               "start load": "tl.load(start_ptr", "length load": "tl.load(length_ptr"}
+    lines = {name: [i + 1 for i, line in enumerate(text) if needle in line] for name, needle in needles.items()}
+    assert all(len(found) == 1 for found in lines.values()), f"expected one line each: {lines}"
+    return {name: found[0] for name, found in lines.items()}
+
+
+def global_accesses(llir: str) -> dict[str, frozenset[str]]:
+    """Name (see `access_lines`) -> the global load/store instructions (`st.global.v4.b32`, ...) lowered
+    from that source line, by the `!dbg` location of each inline-asm access in the LLVM IR."""
+    debug_line = {m[1]: int(m[2]) for m in re.finditer(r"^!(\d+) = (?:distinct )?!DILocation\(line: (\d+)",
+                                                       llir, re.MULTILINE)}
+    by_line: dict[int, set[str]] = {}
+    for m in re.finditer(r"((?:ld|st)\.global[\w.]*)[^\n]*!dbg !(\d+)", llir):
+        by_line.setdefault(debug_line[m[2]], set()).add(m[1])
+    return {name: frozenset(by_line[line]) for name, line in access_lines().items() if line in by_line}
+
+
+def compile_launch(launch: js_triton.Launch, arch: str, tmp: Path) -> tuple[Any, int, int]:
+    """(compiled kernel, registers, local bytes) of one launch for `arch`."""
+    source, options = specialise(launch, TARGETS[arch])
+    kernel = triton.compile(source, target=TARGETS[arch], options=options)
+    return kernel, *resource_usage(kernel.asm["cubin"], tmp)
+
+
+def compile_job(arch: str, case: Case, index: int) -> Compiled:
+    """Compile launch `index` of `case` for `arch` (a worker's unit of work)."""
+    launch = launches(case)[index]
     with tempfile.TemporaryDirectory() as tmp:
+        kernel, registers, local = compile_launch(launch, arch, Path(tmp))
+    return Compiled(f"{launch.kernel.fn.__name__} {case} {launch.constants}", kernel.asm["ptx"], registers, local,
+                    bool(launch.constants.get("HAS_MASK", False)), global_accesses(kernel.asm["llir"]))
+
+
+@functools.cache
+def compiled() -> dict[str, list[Compiled]]:
+    """Every distinct specialisation of the trainer's and the benchmark's calls, compiled for every target
+    (deduplicated by what Triton's cache key depends on), on two worker processes: CI has two cores."""
+    jobs = []
+    for arch in sorted(TARGETS):
+        seen = set()
         for case in sorted(trainer_cases() | benchmark_cases(), key=repr):
-            for launch in launches(case):
-                source, options = specialise(launch, target)
+            for index, launch in enumerate(launches(case)):
+                source, options = specialise(launch, TARGETS[arch])
                 key = (launch.kernel.fn.__name__, repr(source.signature), repr(sorted(source.constants.items())),
                        repr(sorted(source.attrs.items())), options["num_warps"])
-                if key in seen:
-                    continue
-                seen.add(key)
-                kernel = triton.compile(source, target=target, options=options)
-                registers, local = resource_usage(kernel.asm["cubin"], Path(tmp))
-                out.append(Compiled(f"{key[0]} {case}", kernel.asm["ptx"], registers, local,
-                                    bool(launch.constants.get("HAS_MASK", False))))
-    return out
+                if key not in seen:
+                    seen.add(key)
+                    jobs.append((arch, case, index))
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold Triton's threads
+    with ProcessPoolExecutor(max_workers=min(2, os.cpu_count() or 1), mp_context=context) as pool:
+        results = list(pool.map(compile_job, *zip(*jobs)))
+    return {arch: [k for (a, _, _), k in zip(jobs, results) if a == arch] for arch in TARGETS}
+
+
+def test_the_trainer_sweep_reaches_every_token_block() -> None:
+    """The widths swept cover every token block and warp count the tiling can choose for fp32 rows."""
+    blocks = {(launch.constants["BLOCK_T"], launch.constants["num_warps"])
+              for case in trainer_cases() for launch in launches(case)[1:]}
+    assert blocks == {(128, 1), (256, 2), (512, 4), (1024, 8)}
 
 
 @pytest.mark.parametrize("arch", sorted(TARGETS))
 def test_every_specialisation_divides_exactly_vectorises_and_does_not_spill(arch: str) -> None:
-    kernels = compiled_for(arch)
+    kernels = compiled()[arch]
     assert {k.name.split()[0] for k in kernels} == {"_group_stats_kernel", "_js_tokens_kernel"}
     assert any(k.has_mask for k in kernels) and any(not k.has_mask for k in kernels)
     for k in kernels:
@@ -159,22 +220,35 @@ def test_every_specialisation_divides_exactly_vectorises_and_does_not_spill(arch
         assert k.local_bytes == 0 and ".local" not in k.ptx, f"{arch} {k.name}: local memory (spills)"
         assert k.registers <= REGISTER_BOUND, f"{arch} {k.name}: {k.registers} registers > {REGISTER_BOUND}"
         if k.name.startswith("_js_tokens_kernel"):
-            stores = re.findall(r"st\.global\S*", k.ptx)
-            assert stores and all(".v4." in s for s in stores), f"{arch} {k.name}: token stores {set(stores)}"
-            if k.has_mask:
-                assert not re.search(r"ld\.global(\.\w+)*\.[bus]8\b", k.ptx), f"{arch} {k.name}: byte-wide mask loads"
+            wide = ("token store", "mask load") if k.has_mask else ("token store", "start load", "length load")
+            for what in wide:
+                found = k.accesses.get(what)
+                assert found and all(WIDE_ACCESS.search(i) for i in found), f"{arch} {k.name}: {what} {found}"
 
 
 def test_the_checks_see_scalar_access_when_rows_are_not_aligned() -> None:
     """Negative control: with an unpadded 1001-token output and mask, stores and mask loads are
-    narrower than 128 bits, and the same regular expressions find them."""
-    case = Case(64, 1001, 4, "mask", torch.float32, False)
+    narrower than 128 bits, and the same checks find them."""
     meta = torch.device("meta")
     launch = js_triton.plan_launches(
         torch.empty(64, device=meta), torch.empty(5, dtype=torch.long, device=meta),
-        js_triton.TokenLayout(case.tokens, mask=torch.empty(64, 1001, dtype=torch.bool, device=meta)),
+        js_triton.TokenLayout(1001, mask=torch.empty(64, 1001, dtype=torch.bool, device=meta)),
         torch.empty(64, 1001, device=meta), paper=False, eps=1e-6, force_lambda=None, limits=js_triton._GPU)[1]
-    source, options = specialise(launch, TARGETS["sm_90"])
-    ptx = triton.compile(source, target=TARGETS["sm_90"], options=options).asm["ptx"]
-    assert any(".v4." not in s for s in re.findall(r"st\.global\S*", ptx))
-    assert re.search(r"ld\.global(\.\w+)*\.[bus]8\b", ptx)
+    with tempfile.TemporaryDirectory() as tmp:
+        kernel, _, _ = compile_launch(launch, "sm_90", Path(tmp))
+    accesses = global_accesses(kernel.asm["llir"])
+    assert not all(WIDE_ACCESS.search(i) for i in accesses["token store"])
+    assert not all(WIDE_ACCESS.search(i) for i in accesses["mask load"])
+
+
+def test_the_checks_see_the_registers_of_many_rows_per_thread() -> None:
+    """Negative control: the earlier tiling of narrow rows (32 rows x 128 tokens over 8 warps: 4
+    non-adjacent rows per thread) exceeds the register bound and loads the spans one row at a time."""
+    case = Case(384, 100, 16, "lengths", torch.float32, False)
+    launch = launches(case)[1]
+    launch = dataclasses.replace(launch, constants={**launch.constants, "BLOCK_R": 32, "BLOCK_T": 128,
+                                                    "num_warps": 8})
+    with tempfile.TemporaryDirectory() as tmp:
+        kernel, registers, _ = compile_launch(launch, "sm_90", Path(tmp))
+    assert registers > REGISTER_BOUND
+    assert not all(WIDE_ACCESS.search(i) for i in global_accesses(kernel.asm["llir"])["start load"])

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,22 @@ def test_no_room_for_one_sequence_names_the_key_and_the_planner() -> None:
         check_kv_room(EngineMemory(kv_cache_bytes=4095 * 100, utilization=0.2), 100, max_model_len=4096, free=GIB,
                       total=2 * GIB)
     assert info.value.key == "rollout.gpu_memory_utilization"
+
+
+def test_activations_are_given_with_and_without_recompute(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The micro-batch budget's activations and the train phase both ways, whatever the recipe sets; only
+    the activations differ between the two train figures, and the configured one is the plan's own."""
+    recipe = "speed_rloo__qwen2.5-math-7b__dapo17k"
+    for setting in ("none", "full"):
+        out = tmp_path / f"{setting}.json"
+        memory_plan.main([recipe, f"model.recompute={setting}", "--gpus", "4", "--json", str(out)])
+        payload = json.loads(out.read_text())
+        both = payload["by_recompute_bytes"]
+        assert both["full"]["activations"] < both["none"]["activations"] / 4
+        assert both["none"]["train"] - both["full"]["train"] == \
+            both["none"]["activations"] - both["full"]["activations"]
+        assert both[setting]["activations"] == payload["bytes"]["activations (one micro-batch per stage ahead)"]
+        assert both[setting]["train"] == payload["phases_bytes"]["train (engine asleep)"]
+        printed = capsys.readouterr().out
+        assert f"| model.recompute={setting} (configured) |" in printed
+        assert "16384-token micro-batch budget" in printed
