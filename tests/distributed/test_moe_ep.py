@@ -8,7 +8,7 @@ log-probs to 1e-5, loss and gradient norm to 1e-5 relative, updated weights, eve
 the router metrics: the aux loss and per-layer expert load are sums over the same micro-batches in
 every layout (each data-parallel rank routes its own rows), so they match too. The gradient of every
 parameter (`main_grad`, `tp_pp_worker.hf_grads`: HF names, experts under their global index gathered
-over EP, stages broadcast) matches the reference with test_packing_cp's `assert_close_grads` (each
+over EP, stages broadcast) matches the reference with test_tp_pp's `assert_close_grads` (each
 element within 2e-5 x its parameter's largest gradient element; EP and PP only reorder float32 sums:
 measured 1.1e-6 at EP=2 and PP=2).
 
@@ -35,8 +35,8 @@ import torch
 
 from tests.distributed.packing_worker import ALIGNED
 from tests.distributed.packing_worker import run as packed_run
-from tests.distributed.test_packing_cp import assert_close_grads, assert_matches
-from tests.distributed.test_tp_pp import _assert_close_weights
+from tests.distributed.test_packing_cp import assert_matches
+from tests.distributed.test_tp_pp import _assert_close_weights, assert_close_grads
 from tests.distributed.tp_pp_worker import run
 from tests.tiny_models import tiny_hf_model
 from tests.unit.test_converters import assert_same_weights

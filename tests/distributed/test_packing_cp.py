@@ -10,7 +10,8 @@ Compared, in float32:
 * the step's loss and gradient norm to 1e-5 relative, token counts exactly;
 * the gradient of every parameter the step used (`main_grad`, exported like the weights: TP shards
   gathered into full HF-named tensors, pipeline stages broadcast), in every layout: each element
-  within 2e-5 x the largest |element| of that parameter's reference gradient (`assert_close_grads`).
+  within 2e-5 x the largest |element| of that parameter's reference gradient (test_tp_pp's
+  `assert_close_grads`).
   Layouts only reorder float32 sums (packed attention, the CP split and K/V gather, TP's
   row-parallel all-reduce), which moves a gradient by a few ulps of its largest terms: measured
   max |diff| / max |ref| 5e-7 packed, 5e-7 DP=2 and PP=2, 2e-6 CP=2, 1.1e-6 CP=2 x TP=2 (and 1.1e-6
@@ -42,7 +43,7 @@ import pytest
 import torch
 
 from tests.distributed.packing_worker import PROMPTS, RESPONSES, reached, run
-from tests.distributed.test_tp_pp import _assert_close_weights
+from tests.distributed.test_tp_pp import _assert_close_weights, assert_close_grads
 from tests.tiny_models import tiny_hf_model
 
 pytestmark = pytest.mark.distributed
@@ -79,13 +80,6 @@ def assert_matches(got: dict[str, Any], ref: dict[str, Any], responses: list[int
     assert_close_grads(got["grads"], ref["grads"])
     _assert_close_weights(got["after"], ref["after"])
 
-
-def assert_close_grads(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
-    """Same parameters; every gradient element within 2e-5 x its parameter's largest |ref| element."""
-    assert sorted(got) == sorted(ref)
-    for name, grad in ref.items():
-        error = (got[name] - grad).abs().max()
-        assert error <= 2e-5 * grad.abs().max(), (name, float(error), float(grad.abs().max()))
 
 
 def test_packed_equals_padded(models: dict[str, Path], references: dict[str, dict[str, Any]]) -> None:
