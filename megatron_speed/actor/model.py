@@ -255,12 +255,12 @@ def build_gpt_model(hf_config: Any, *, params_dtype: torch.dtype, tp: int = 1, p
     ep = parallel_state.get_expert_model_parallel_world_size()
     etp = parallel_state.get_expert_tensor_parallel_world_size()
     moe.check_expert_parallel(hf_config, ep=ep, etp=etp, tp=tp)
+    cp = parallel_state.get_context_parallel_world_size()
     moe_fields = moe.moe_transformer_fields(hf_config, ep=ep, etp=etp, aux_loss_coef=moe_aux_loss_coef,
-                                            capacity_factor=moe_capacity_factor, grouped_gemm=backend == "te")
+                                            capacity_factor=moe_capacity_factor, grouped_gemm=backend == "te", cp=cp)
     config = transformer_config_from_hf(hf_config, params_dtype=params_dtype, tp=tp, pp=pp, recompute=recompute,
                                         vpp=vpp, first_stage_layers=first_stage_layers,
-                                        last_stage_layers=last_stage_layers,
-                                        cp=parallel_state.get_context_parallel_world_size(), moe_fields=moe_fields)
+                                        last_stage_layers=last_stage_layers, cp=cp, moe_fields=moe_fields)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(backend, qk_layernorm=arch.qk_layernorm, config=config,

@@ -15,7 +15,10 @@ What the HF config says and what megatron calls it:
   (0 turns it off). megatron adds it per MoE layer (HF's training loss averages one loss over the
   layers' concatenated router logits); with our per-token loss megatron scales it by the tokens of
   each micro-batch, so its weight relative to the policy loss is coef x (all tokens / response
-  tokens). `model.moe_aux_loss_coef` overrides the HF value.
+  tokens). `model.moe_aux_loss_coef` overrides the HF value. "All tokens" includes padding (the
+  padded layout's right padding, context parallelism's padding of each packed sequence to 2 x CP):
+  the router is given no padding mask, so padding counts in the aux loss and the router metrics.
+  Under context parallelism megatron's coefficient is CP x ours (`moe_transformer_fields`).
 
 Experts run as megatron's grouped GEMM (`TEGroupedMLP`) when TransformerEngine is the layer backend,
 else as `SequentialMLP` (a loop of per-expert MLPs; what runs on CPU). The legacy `GroupedMLP` of the
@@ -102,8 +105,14 @@ def check_trainable_layout(hf_config: Any, tp: int) -> None:
 
 def moe_transformer_fields(hf_config: Any, *, ep: int = 1, etp: int | None = None,
                            aux_loss_coef: float | None = None, capacity_factor: float = 0.0,
-                           grouped_gemm: bool = False) -> dict[str, Any]:
-    """The TransformerConfig fields of an MoE decoder ({} for a dense one)."""
+                           grouped_gemm: bool = False, cp: int = 1) -> dict[str, Any]:
+    """The TransformerConfig fields of an MoE decoder ({} for a dense one).
+
+    Under context parallelism megatron's coefficient is `cp` x ours: with `calculate_per_token_loss`
+    its router multiplies each rank's share of the aux loss by that rank's token count, 1/CP of the
+    micro-batch, so the CP ranks' gradients would add up to 1/CP of the aux-loss gradient at CP = 1
+    (its other loss mode scales by the CP size for the same reason). The logged aux loss is divided
+    by the coefficient and does not change; tests/distributed/test_moe_ep.py checks CP = 2 == CP = 1."""
     if not is_moe(hf_config):
         return {}
     coef = float(hf_config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef)
@@ -116,7 +125,7 @@ def moe_transformer_fields(hf_config: Any, *, ep: int = 1, etp: int | None = Non
         moe_router_dtype="fp32",
         moe_layer_freq=moe_layer_pattern(hf_config),
         moe_router_load_balancing_type="aux_loss" if coef > 0 else "none",
-        moe_aux_loss_coeff=coef,
+        moe_aux_loss_coeff=coef * cp,
         moe_expert_capacity_factor=capacity_factor or None,
         moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=grouped_gemm,

@@ -2,8 +2,9 @@
 
 Forward hooks on megatron's `TopKRouter`s count, per layer and expert, the tokens routed there in
 training forwards (after capacity dropping, when a capacity factor is set). `collect()` sums the
-counts over data-parallel ranks (expert-parallel ranks are data-parallel ranks for the router,
-which sees its own tokens) and pipeline stages, so every rank reports the same global numbers:
+counts over data- and context-parallel ranks (expert-parallel ranks are data-parallel ranks for the
+router, which sees its own tokens; each context-parallel rank routes its own chunks of the
+sequences) and pipeline stages, so every rank reports the same global numbers:
 
 * `moe/load_imbalance`: max over experts / mean over experts of the tokens routed, per MoE layer,
   averaged over layers (1.0 = perfectly balanced; E / top-k = every token to the same experts);
@@ -54,17 +55,25 @@ class RouterMetrics:
         self.assignments[layer] += routing_map.shape[0] * self.topk
         self.calls[layer] += 1
 
-    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _token_ranks() -> int:
+        """Ranks that route different tokens of one pipeline stage: data x context parallel."""
         from megatron.core import parallel_state as ps
 
-        if ps.get_data_parallel_world_size() > 1:
-            dist.all_reduce(tensor, group=ps.get_data_parallel_group())
+        return ps.get_data_parallel_world_size(with_context_parallel=True)
+
+    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks that route different tokens (DP x CP) and over pipeline stages."""
+        from megatron.core import parallel_state as ps
+
+        if self._token_ranks() > 1:
+            dist.all_reduce(tensor, group=ps.get_data_parallel_group(with_context_parallel=True))
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.all_reduce(tensor, group=ps.get_pipeline_model_parallel_group())
         return tensor
 
     def collect(self) -> dict[str, float]:
-        """The step's router metrics (collective over DP and PP: every rank must call it), then reset."""
+        """The step's router metrics (collective over DP x CP and PP: every rank must call it), then reset."""
         packed = self._reduce(torch.cat([self.counts.flatten(), self.assignments, self.calls]))
         counts = packed[: self.counts.numel()].view_as(self.counts)
         assignments = packed[self.counts.numel(): self.counts.numel() + self.num_layers]
@@ -89,8 +98,9 @@ class RouterMetrics:
 
     def _aux_loss(self, calls: torch.Tensor) -> float | None:
         """megatron's tracked load-balancing loss per MoE layer and micro-batch, reduced as megatron does
-        (summed over its reduce group, averaged over data-parallel ranks, summed over stages); reset."""
-        from megatron.core import parallel_state as ps
+        (summed over its reduce group, averaged over data-parallel ranks, summed over stages); reset.
+        The reduce group (TP x CP) already sums the context-parallel parts, so after it every CP rank
+        holds the same value: the sum over DP x CP divided by DP x CP is megatron's average over DP."""
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
         tracker = get_moe_layer_wise_logging_tracker()
@@ -103,11 +113,11 @@ class RouterMetrics:
         group = entry.get("reduce_group") if entry is not None else None
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(values, group=group)
-        values = self._reduce(values) / ps.get_data_parallel_world_size()
+        values = self._reduce(values) / self._token_ranks()
         if entry is not None:
             entry["values"].zero_()
-        # DP ranks each counted their own calls: per-layer calls summed over DP / DP = calls per rank.
-        per_rank_calls = calls / ps.get_data_parallel_world_size()
+        # DP x CP ranks each counted their own calls (the same number): summed over them / their count.
+        per_rank_calls = calls / self._token_ranks()
         layers = per_rank_calls > 0
         if not bool(layers.any()):
             return None

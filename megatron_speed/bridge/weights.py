@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ TIED_OUTPUT = "output_layer.weight"
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 Chunks = torch.nn.Module | Sequence[torch.nn.Module]
+ValueFn = Callable[[torch.nn.Parameter], torch.Tensor]  # a parameter -> this rank's tensor to export for it
 
 
 def bare_chunks(model: Chunks) -> list[torch.nn.Module]:
@@ -261,8 +262,11 @@ def _gather_ep(full: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def export_hf_weights(model: Chunks, mapping: FamilyMapping) -> Iterator[tuple[str, torch.Tensor]]:
+def export_hf_weights(model: Chunks, mapping: FamilyMapping,
+                      value: ValueFn = _local_value) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream the policy as HF-named FULL tensors, identically on every rank (what the vLLM refit takes).
+    `value` picks what is exported per parameter: the policy weight, or e.g. its gradient (a tensor
+    of the parameter's shard shape and dtype, laid out like it), which then comes back in HF layout.
 
     Collective: every rank must iterate the generator to the end in step. Parameters go one at a time in
     a global order all ranks agree on: the owning stage gathers the TP shards, then broadcasts the full
@@ -273,7 +277,7 @@ def export_hf_weights(model: Chunks, mapping: FamilyMapping) -> Iterator[tuple[s
 
     local = _export_slots(model, mapping)
     ep = ps.get_expert_model_parallel_world_size()
-    for name, full in stream_full_tensors(local, mapping):
+    for name, full in stream_full_tensors(local, mapping, value):
         if not mapping.is_expert(name):
             yield from mapping.to_hf(name, full)
             continue
@@ -284,11 +288,13 @@ def export_hf_weights(model: Chunks, mapping: FamilyMapping) -> Iterator[tuple[s
 
 
 def stream_full_tensors(local: dict[str, tuple[torch.nn.Module, torch.nn.Parameter]],
-                        mapping: FamilyMapping | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                        mapping: FamilyMapping | None = None,
+                        value: ValueFn = _local_value) -> Iterator[tuple[str, torch.Tensor]]:
     """(global megatron name, FULL tensor) for every parameter of the pipeline, in the same order on
     every rank (collective): the owning stage gathers the TP shards and broadcasts to the others. With
     the family `mapping`, GLU weights come un-interleaved and an expert slot as [EP, *shape], the slot
-    of every expert-parallel rank; without it (LoRA adapters) every tensor is a plain TP-split one."""
+    of every expert-parallel rank; without it (LoRA adapters) every tensor is a plain TP-split one.
+    `value` as in `export_hf_weights`."""
     from megatron.core import parallel_state as ps
 
     pp_rank, pp_group = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_group()
@@ -298,7 +304,7 @@ def stream_full_tensors(local: dict[str, tuple[torch.nn.Module, torch.nn.Paramet
         if stage == pp_rank:
             param = local[name][1]
             glu = mapping is not None and _is_glu(mapping, name)
-            full = _gather_tp(param, glu, expert, _local_value(param))
+            full = _gather_tp(param, glu, expert, value(param))
             if expert:
                 full = _gather_ep(full)
         else:

@@ -3,11 +3,13 @@ or called in-process for the single-rank references).
 
 Every rank builds the actor for the requested layout and, on the same full batch, computes
 log-probs, takes one training step (one optimizer update over the whole batch), and records the
-gradients the update used (`main_grad` of every parameter, keyed by megatron's parameter name), the
+gradients the update used (`main_grad` of every parameter as full HF-named tensors, `hf_grads`), the
 HF weights after the update, and the log-probs after it. Each rank writes `<out>.<rank>.pt`.
 
 The batch spreads response lengths 2..80 (40x) over right-padded rows, with prompts of 3..6 tokens,
 so packed micro-batches hold very different sequences and some sequences exceed the token budget.
+With layout "aligned" every sequence is lengthened to a multiple of 4 (= 2 x CP for CP = 2), so CP = 2
+pads nothing: what an MoE router sees is then the same tokens as at CP = 1 (the actor routes padding).
 """
 
 from __future__ import annotations
@@ -19,32 +21,34 @@ import torch
 
 from megatron_speed.config.schema import AlgorithmConfig, ModelConfig, OptimConfig, ParallelConfig
 from megatron_speed.parallel import init_parallel
-from tests.distributed.tp_pp_worker import worker_main
+from tests.distributed.tp_pp_worker import hf_grads, worker_main
 
 RESPONSES = [2, 80, 7, 33, 15, 61, 4, 24]  # response tokens per row: 1..40x spread
 PROMPTS = [3, 5, 4, 6, 3, 4, 5, 6]
-WIDTH = max(p + r for p, r in zip(PROMPTS, RESPONSES))
+ALIGNED = [r + -(p + r) % 4 for p, r in zip(PROMPTS, RESPONSES)]  # sequence lengths 8..88, multiples of 4
 
 
-def spread_batch(vocab: int, seed: int = 11) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded tokens [8, WIDTH], response mask [8, WIDTH-1] and token advantages."""
+def responses(layout: dict[str, Any]) -> list[int]:
+    return ALIGNED if layout.get("aligned") else RESPONSES
+
+
+def reached(responses: list[int]) -> torch.Tensor:
+    """[8, W-1] True where a row's tokens reach (position < its length - 1)."""
+    lengths = torch.tensor([p + r - 1 for p, r in zip(PROMPTS, responses)])
+    return torch.arange(max(lengths))[None, :] < lengths[:, None]
+
+
+def spread_batch(vocab: int, responses: list[int], seed: int = 11) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded tokens [8, W], response mask [8, W-1] and token advantages (W: the longest row)."""
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(2, vocab, (len(RESPONSES), WIDTH), generator=gen)
-    mask = torch.zeros(len(RESPONSES), WIDTH - 1)
-    for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES)):
+    width = max(p + r for p, r in zip(PROMPTS, responses))
+    tokens = torch.randint(2, vocab, (len(responses), width), generator=gen)
+    mask = torch.zeros(len(responses), width - 1)
+    for i, (p, r) in enumerate(zip(PROMPTS, responses)):
         tokens[i, p + r:] = 0  # padding
         mask[i, p - 1:p - 1 + r] = 1.0
-    adv = torch.randn(len(RESPONSES), 1, generator=gen) * mask
+    adv = torch.randn(len(responses), 1, generator=gen) * mask
     return tokens, mask, adv
-
-
-def _grads(actor: Any) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, chunk in enumerate(actor.chunks):
-        for name, param in chunk.named_parameters():
-            grad = getattr(param, "main_grad", None)
-            out[f"{i}.{name}"] = (grad if grad is not None else param.grad).detach().clone()
-    return out
 
 
 def run(hf_dir: Path, layout: dict[str, Any], *, perturb_row: int | None = None) -> dict[str, Any]:
@@ -59,20 +63,20 @@ def run(hf_dir: Path, layout: dict[str, Any], *, perturb_row: int | None = None)
                         pack_sequences=layout.get("pack", False))
     algorithm = AlgorithmConfig(loss_aggregation=layout.get("aggregation", "token-mean"),
                                 entropy_coef=layout.get("entropy_coef", 0.0))
+    rows = responses(layout)
     actor = MegatronActor(hf_dir, model_cfg=ModelConfig(attention_backend="sdpa"), optim_cfg=optim,
-                          algorithm_cfg=algorithm, temperature=0.9, horizon=WIDTH - 1, total_steps=1,
-                          tp=dims.tp, pp=dims.pp)
-    tokens, mask, adv = spread_batch(actor.hf_config.vocab_size)
+                          algorithm_cfg=algorithm, temperature=0.9, horizon=max(map(sum, zip(PROMPTS, rows))) - 1,
+                          total_steps=1, tp=dims.tp, pp=dims.pp)
+    tokens, mask, adv = spread_batch(actor.hf_config.vocab_size, rows)
     if perturb_row is not None:
-        p = PROMPTS[perturb_row]
-        tokens[perturb_row, p:p + RESPONSES[perturb_row]] = (tokens[perturb_row, p:p + RESPONSES[perturb_row]] + 7) % \
-            actor.hf_config.vocab_size
+        span = slice(PROMPTS[perturb_row], PROMPTS[perturb_row] + rows[perturb_row])
+        tokens[perturb_row, span] = (tokens[perturb_row, span] + 7) % actor.hf_config.vocab_size
     logprobs = actor.compute_logprobs(tokens, mask=mask)
     result: dict[str, Any] = {"logprobs": logprobs, "dims": dims}
     if layout.get("forward_only"):
         return result
     stats = actor.train_step(tokens, mask, logprobs - 0.05 * mask, adv)
-    result.update(stats=stats, grads=_grads(actor), after={k: v.clone() for k, v in actor.export_hf_weights()},
+    result.update(stats=stats, grads=hf_grads(actor), after={k: v.clone() for k, v in actor.export_hf_weights()},
                   logprobs_after=actor.compute_logprobs(tokens, mask=mask))
     if layout.get("save"):  # a trainer checkpoint written at this layout (the converter test reads it)
         from megatron_speed.checkpoint.resume import save_checkpoint

@@ -6,7 +6,17 @@ Each layout runs `tp_pp_worker.py` on 2 gloo ranks and is compared with the one-
 computed in this process, with the checks of `test_tp_pp.py` (bit-exact HF export before training,
 log-probs to 1e-5, loss and gradient norm to 1e-5 relative, updated weights, every rank alike) plus
 the router metrics: the aux loss and per-layer expert load are sums over the same micro-batches in
-every layout (each data-parallel rank routes its own rows), so they match too.
+every layout (each data-parallel rank routes its own rows), so they match too. The gradient of every
+parameter (`main_grad`, `tp_pp_worker.hf_grads`: HF names, experts under their global index gathered
+over EP, stages broadcast) matches the reference with test_tp_pp's `assert_close_grads` (each
+element within 2e-5 x its parameter's largest gradient element; EP and PP only reorder float32 sums:
+measured 1.1e-6 at EP=2 and PP=2).
+
+Context parallelism (CP=2, packed, `packing_worker.py`) matches the packed CP=1 actor with
+test_packing_cp's checks, router metrics included (summed over DP x CP ranks) and the router's
+gradient (megatron's aux-loss gradient under CP, see actor/moe.py). The batch's sequence lengths are
+multiples of 2 x CP, so CP pads nothing: the actor routes padding tokens, which would otherwise
+enter the expert load and the aux loss at CP=2 only.
 
 The model is a 4-layer tiny Qwen3-MoE (4 experts, top-2, layer 1 dense). Ports 29680-29689.
 """
@@ -23,7 +33,10 @@ from typing import Any
 import pytest
 import torch
 
-from tests.distributed.test_tp_pp import _assert_close_weights
+from tests.distributed.packing_worker import ALIGNED
+from tests.distributed.packing_worker import run as packed_run
+from tests.distributed.test_packing_cp import assert_matches
+from tests.distributed.test_tp_pp import _assert_close_weights, assert_close_grads
 from tests.distributed.tp_pp_worker import run
 from tests.tiny_models import tiny_hf_model
 from tests.unit.test_converters import assert_same_weights
@@ -96,12 +109,33 @@ def test_moe_layout_matches_the_single_rank_actor(model: Path, reference: dict[s
         for key, value in reference["stats"].items():
             if key in ("loss", "grad_norm") or key.startswith("moe/"):
                 assert got["stats"][key] == pytest.approx(value, rel=1e-5), key
+        assert sorted(reference["grads"]) == sorted(reference["before"])  # every parameter, every expert
+        assert_close_grads(got["grads"], reference["grads"])
         _assert_close_weights(got["after"], reference["after"])
         assert torch.allclose(got["logprobs_after"], reference["logprobs_after"], atol=1e-4, rtol=0)
     assert torch.equal(ranks[0]["logprobs"], ranks[1]["logprobs"])
     assert ranks[0]["stats"] == ranks[1]["stats"]
-    for name, tensor in ranks[0]["after"].items():
-        assert torch.equal(tensor, ranks[1]["after"][name]), name
+    for key in ("grads", "after"):
+        for name, tensor in ranks[0][key].items():
+            assert torch.equal(tensor, ranks[1][key][name]), (key, name)
+
+
+def test_moe_context_parallel_matches_one_rank(model: Path, tmp_path: Path) -> None:
+    packed = {"pack": True, "micro_batch_tokens": 64, "aligned": True}
+    reference = packed_run(model, packed)
+    reference.pop("dims")
+    assert reference["stats"]["actor/padding_fraction"] == 0.0
+    _torchrun(29685, "tests/distributed/packing_worker.py", str(model), str(tmp_path / "out"),
+              json.dumps({**packed, "cp": 2}))
+    ranks = [torch.load(f"{tmp_path / 'out'}.{rank}.pt") for rank in range(2)]
+    moe_keys = {k for k in reference["stats"] if k.startswith("moe/")}
+    assert "moe/aux_loss" in moe_keys and "moe/layer_3/load_imbalance" in moe_keys
+    for got in ranks:
+        assert got["stats"]["actor/padding_fraction"] == 0.0  # CP = 2 routes the same tokens as CP = 1
+        assert_matches(got, reference, ALIGNED)
+        for key in moe_keys:
+            assert got["stats"][key] == pytest.approx(reference["stats"][key], rel=1e-6), key
+    assert ranks[0]["stats"] == ranks[1]["stats"]  # each CP rank routed different tokens; all report the sum
 
 
 def test_expert_parallel_checkpoint_reshards_to_one_rank(model: Path, tmp_path: Path) -> None:

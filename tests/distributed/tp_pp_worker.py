@@ -34,8 +34,25 @@ def fixed_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tokens, mask, adv
 
 
+def _grad(param: torch.nn.Parameter) -> torch.Tensor:
+    grad = getattr(param, "main_grad", None)  # megatron's DDP accumulates into main_grad
+    return (grad if grad is not None else param.grad).detach().to(param.dtype)
+
+
+def hf_grads(actor: Any) -> dict[str, torch.Tensor]:
+    """The gradients the last step used, as FULL HF-named tensors, the same on every rank: the weight
+    export (`export_hf_weights`) run on each parameter's gradient instead of its value, so TP shards are
+    gathered (GLU interleave undone, fused QKV split), experts gathered over EP under their global
+    indices, and pipeline stages broadcast. Collective. Not with the distributed optimizer, whose grad
+    buffer holds reduce-scattered shards after the step."""
+    from megatron_speed.bridge.weights import export_hf_weights
+
+    return {name: grad.clone() for name, grad in export_hf_weights(actor.chunks, actor.mapping, _grad)}
+
+
 def run(hf_dir: Path, layout: dict[str, Any]) -> dict[str, Any]:
-    """The actor's outputs for one layout: {"logprobs", "stats", "logprobs_after", "before", "after"}."""
+    """The actor's outputs for one layout: {"logprobs", "stats", "grads", "logprobs_after", "before",
+    "after"} ("grads" by HF name, absent with the distributed optimizer)."""
     from megatron_speed.actor.actor import MegatronActor
     from megatron_speed.bridge.weights import bare_chunks
 
@@ -57,8 +74,9 @@ def run(hf_dir: Path, layout: dict[str, Any]) -> dict[str, Any]:
     before = {k: v.clone() for k, v in actor.export_hf_weights()}
     logprobs = actor.compute_logprobs(tokens)
     stats = actor.train_step(tokens, mask, logprobs - 0.05 * mask, adv)
+    grads = {} if optim.use_distributed_optimizer else {"grads": hf_grads(actor)}
     after = {k: v.clone() for k, v in actor.export_hf_weights()}
-    return {"logprobs": logprobs, "stats": stats, "logprobs_after": actor.compute_logprobs(tokens),
+    return {"logprobs": logprobs, "stats": stats, **grads, "logprobs_after": actor.compute_logprobs(tokens),
             "before": before, "after": after, "dims": dims, "layers_per_stage": actor.layers_per_stage,
             "local_layers": sum(len(chunk.decoder.layers) for chunk in bare_chunks(actor.chunks))}
 

@@ -152,6 +152,9 @@ def test_moe_config_fields_follow_the_hf_config() -> None:
     off = moe_transformer_fields(cfg, aux_loss_coef=0.0, capacity_factor=1.5)
     assert off["moe_router_load_balancing_type"] == "none" and off["moe_expert_capacity_factor"] == 1.5
     assert moe_transformer_fields(tiny_hf_config("qwen3")) == {}
+    # CP: megatron scales each rank's aux loss by its 1/CP share of the tokens; the coefficient makes up
+    # for it (the gradient equality is tests/distributed/test_moe_ep.py's CP test).
+    assert moe_transformer_fields(cfg, cp=2)["moe_aux_loss_coeff"] == 0.04
 
 
 @pytest.mark.parametrize(("model_type", "what"), [
