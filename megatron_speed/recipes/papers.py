@@ -23,6 +23,7 @@ JSPO paper does (drop-in for RLOO/DAPO).
 |                      | AIME mean@4, AMC mean@1 (the k of the papers' own metrics files)   ||
 | time-to-target       | 7B: DAPO-1k 0.45, MATH500 0.80, AMC23 0.55, AIME mean(24, 25) 0.18; ||
 |                      | 1.5B: 0.30 / 0.70 / 0.40 / 0.10 (the paper's main table, §1.6)     ||
+| memory               | full activation recompute (upstream: `enable_gradient_checkpointing`) ||
 | hardware             | 1 node x 4 GPUs (80 GB) for both sizes; 7B uses actor TP=2         ||
 
 Updates per RL step: upstream counts `ppo_mini_batch_size` (16) in prompts and multiplies it by
@@ -32,7 +33,10 @@ equal updates for every arm, is one override away: `optim.mini_batch_size=384`.
 
 "DAPO" is the SPEED paper's DAPO: RLOO advantages + clip-higher 0.28 (+ dynamic sampling without
 SPEED; with SPEED the screen already guarantees reward spread). Our buffered DAPO surplus
-(`curriculum.dapo_surplus=keep`) is the named improvement, off in these recipes. Memory settings
+(`curriculum.dapo_surplus=keep`) is the named improvement, off in these recipes. Activations are
+recomputed layer by layer (`model.recompute=full`) as upstream's scripts do (speed-rl's `run_*.sh`
+and JSPO's `run_math.sh` set verl's `enable_gradient_checkpointing=True`); without it
+`tools/memory_plan.py` puts the train phase at 80-101 GiB per 80 GB GPU. The other memory settings
 (distributed optimizer, 16k-token micro-batches) are starting points, not tuned on GPUs. The prompt
 limit of 1024 tokens is implied by the models' 4096-token context (1024 + 3072). The paper does not
 state a run length; `run.steps=500` is a budget to override. Expected time to the paper's accuracy
@@ -131,7 +135,7 @@ def speed_paper(model_key: str, dataset: str, *, base: str, speed: bool, js: boo
     return Config(
         run=RunConfig(name=name, output_dir="runs", steps=500, seed=1234, save_hf_every=100),
         data=DataConfig(train_files=(data_file(DATASETS[dataset]),)),
-        model=ModelConfig(hf_path=model_dir(model.hf_name), params_dtype="bfloat16"),
+        model=ModelConfig(hf_path=model_dir(model.hf_name), params_dtype="bfloat16", recompute="full"),
         parallel=ParallelConfig(tensor_parallel_size=model.tensor_parallel_size),
         rollout=RolloutConfig(n=n, temperature=1.0, top_p=1.0, max_new_tokens=3072, tensor_parallel_size=1,
                               gpu_memory_utilization=0.6, enforce_eager=False),

@@ -110,12 +110,14 @@ def test_engine_share_leaves_room_for_adam_and_respects_the_utilization_cap() ->
 
 
 def test_the_suggested_override_makes_the_7b_recipe_fit(capsys: pytest.CaptureFixture[str]) -> None:
-    recipe = "speed_rloo__qwen2.5-math-7b__dapo17k"
-    assert memory_plan.main([recipe, "--gpus", "4", "--gpu-memory-gib", "80"]) == 1
+    recipe, no_recompute = "speed_rloo__qwen2.5-math-7b__dapo17k", "model.recompute=none"
+    assert memory_plan.main([recipe, "--gpus", "4", "--gpu-memory-gib", "80"]) == 0  # as configured (recompute)
+    capsys.readouterr()
+    assert memory_plan.main([recipe, no_recompute, "--gpus", "4", "--gpu-memory-gib", "80"]) == 1
     verdict = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("verdict"))
     fix = verdict.split("fits with: ")[1].split()
-    assert memory_plan.main([recipe, *fix, "--gpus", "4", "--gpu-memory-gib", "80"]) == 0
-    assert memory_plan.main([recipe, "--gpus", "4", "--gpu-memory-gib", "141"]) == 0
+    assert memory_plan.main([recipe, no_recompute, *fix, "--gpus", "4", "--gpu-memory-gib", "80"]) == 0
+    assert memory_plan.main([recipe, no_recompute, "--gpus", "4", "--gpu-memory-gib", "141"]) == 0
     assert memory_plan.main(["no_such_recipe"]) == 2
 
 

@@ -32,6 +32,11 @@ def test_toy_recipes_grade_the_last_box_and_paper_recipes_the_whole_response() -
                                                                                              "math_verify_response")
 
 
+def test_paper_recipes_recompute_activations_as_upstream_checkpoints_gradients() -> None:
+    """speed-rl's run_*.sh and JSPO's run_math.sh set verl's enable_gradient_checkpointing=True."""
+    assert {f().model.recompute for f in PAPER_RECIPES.values()} == {"full"}
+
+
 def test_grid_is_complete_and_named_consistently() -> None:
     grid = [n for n in PAPER_RECIPES if "qwen2.5-math" in n]
     assert len(grid) == 2 * 3 * 2 * 2 * 2
