@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_speed.actor.actor import MegatronActor
 from megatron_speed.checkpoint import save_hf_folder, save_peft_folder
 from megatron_speed.checkpoint.resume import checkpoint_step, discard_checkpoints, keep_metrics_until, resolve_resume
-from megatron_speed.config.base import to_dict
+from megatron_speed.config.base import require, to_dict
 from megatron_speed.config.schema import Config
 from megatron_speed.curriculum.base import Curriculum, build_curriculum
 from megatron_speed.data import PromptSampler, read_many
@@ -168,10 +168,28 @@ def read_split(paths: tuple[str, ...], cfg: Config, tokenizer: Any, *, max_promp
     return records
 
 
+def check_trimmed_rows(cfg: Config, dp: int) -> None:
+    """Under `rollout.max_staleness` >= 1 a SPEED group may train without its screening samples (trimmed
+    as too old, `BufferedCurriculum._within_lag`), so a batch's rows are a sum of `n_init + n_continue`
+    and `n_continue` terms. Without sequence packing every batch must split evenly over the trainer's
+    `dp` data-parallel ranks: say so at start-up rather than at the first trimmed batch."""
+    cur = cfg.curriculum
+    if cur.name != "speed" or not cfg.rollout.max_staleness or dp == 1 or cfg.optim.pack_sequences:
+        return
+    for key, value in (("n_init", cur.n_init), ("n_continue", cur.n_continue)):
+        require(value % dp == 0, f"curriculum.{key}", value,
+                f"must be a multiple of the trainer's data-parallel size ({dp}) with rollout.max_staleness="
+                f"{cfg.rollout.max_staleness}: a group whose screening samples are too old trains on its "
+                "continuation alone, and every batch must split evenly over the data-parallel ranks",
+                f"use a multiple of {dp}, or set optim.pack_sequences=true (with optim.micro_batch_tokens)")
+
+
 def build(cfg: Config) -> Components:
     check_paths(cfg)  # a missing model folder or prompt file stops here, before any process group
     disaggregated = cfg.rollout.placement == "disaggregated"
     dims = init_parallel(cfg.parallel, seed=cfg.run.seed, engine_ranks=cfg.rollout.num_ranks if disaggregated else 0)
+    if dims.role == "trainer":
+        check_trimmed_rows(cfg, dims.dp)
     out_dir = Path(cfg.run.output_dir) / cfg.run.name
     resume_from = resolve_resume(cfg.run.resume, out_dir)
     if dims.is_main and resume_from is None:

@@ -5,8 +5,9 @@ shard, DP=2, and an engine replica) and disaggregated (1 trainer rank + 1 engine
 `rollout.max_staleness`), then prints a table and writes JSON: steps, RL and total wall clock,
 held-out accuracy (warm start -> final), achieved overlap, idle time on both sides, the staleness
 of the trained samples, the groups the curriculum dropped as stale (buffered past
-`rollout.max_staleness` or `curriculum.max_staleness`: generated, never trained) and the median
-per-phase seconds a projection needs.
+`rollout.max_staleness` or `curriculum.max_staleness`: generated, never trained), those that
+trained without their screening samples (trimmed: older than `rollout.max_staleness`) and the
+median per-phase seconds a projection needs.
 
     python tools/bench_async.py --steps 30 --out runs/bench_async.json
 
@@ -46,11 +47,12 @@ def run_arm(name: str, recipe: str, overrides: list[str], out_dir: Path) -> dict
     busy = sum(r.get("async/engine_busy_seconds", 0.0) for r in steps)
     overlap = sum(r.get("async/overlap_seconds", 0.0) for r in steps)
     ages = [r.get("async/staleness_mean", 0.0) for r in steps]
-    dropped = steps[-1].get("curriculum/dropped_stale_groups", 0.0) if steps else 0.0  # cumulative count
+    last = steps[-1] if steps else {}  # the curriculum's counts are cumulative
     return {"arm": name, "steps": summary["steps"], "rl_seconds": summary["seconds"], "wall_seconds": wall,
             "warm_accuracy": summary["warm_start_accuracy"], "final_accuracy": summary["final_accuracy"],
             "overlap_fraction": overlap / busy if busy else 0.0, "staleness_mean": sum(ages) / max(len(ages), 1),
-            "dropped_stale_groups": int(dropped),
+            "dropped_stale_groups": int(last.get("curriculum/dropped_stale_groups", 0.0)),
+            "trimmed_stale_groups": int(last.get("curriculum/trimmed_stale_groups", 0.0)),
             "median_step_seconds": statistics.median(
                 b["time/rl_seconds"] - a["time/rl_seconds"] for a, b in itertools.pairwise(later)) if len(later) > 1
             else 0.0, "median": median}
@@ -71,11 +73,12 @@ def main() -> None:
             run_arm("disaggregated", args.recipe, [*common, "rollout.placement=disaggregated", "rollout.num_ranks=1",
                                                     f"rollout.max_staleness={args.staleness}"], args.runs)]
     print(f"{'arm':<14}{'steps':>6}{'RL s':>8}{'wall s':>8}{'acc warm->final':>18}{'overlap':>9}"
-          f"{'age':>6}{'stale drops':>12}{'step s':>8}")
+          f"{'age':>6}{'stale drops':>12}{'trims':>6}{'step s':>8}")
     for a in arms:
         print(f"{a['arm']:<14}{a['steps']:>6}{a['rl_seconds']:>8.1f}{a['wall_seconds']:>8.1f}"
               f"{a['warm_accuracy']:>9.3f}->{a['final_accuracy']:.3f}{a['overlap_fraction']:>9.2f}"
-              f"{a['staleness_mean']:>6.2f}{a['dropped_stale_groups']:>12d}{a['median_step_seconds']:>8.2f}")
+              f"{a['staleness_mean']:>6.2f}{a['dropped_stale_groups']:>12d}{a['trimmed_stale_groups']:>6d}"
+              f"{a['median_step_seconds']:>8.2f}")
     print("median per-step seconds (steps 3+):")
     for a in arms:
         print(f"  {a['arm']:<14}" + "  ".join(f"{k.split('/')[-1]}={v:.2f}" for k, v in a["median"].items()))

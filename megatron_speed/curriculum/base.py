@@ -71,6 +71,7 @@ __all__ = ["CURRICULA", "Curriculum", "CurriculumStarved", "build_curriculum"]
 
 def build_curriculum(cfg: CurriculumConfig, sampler: PromptSampler, *, n: int, max_lag: int = 0) -> Curriculum:
     """The curriculum named by `cfg.name`; `n` is `rollout.n` (SPEED uses n_init/n_continue instead);
-    `max_lag` is a disaggregated run's `rollout.max_staleness` (buffered groups older than the next
-    batch's weights by more than it are dropped as stale; 0 = synchronous)."""
+    `max_lag` is a disaggregated run's `rollout.max_staleness` (buffered samples older than the next
+    batch's weights by more than it are left out, a group with fewer than two left is dropped, both
+    counted as stale; 0 = synchronous)."""
     return CURRICULA[cfg.name](cfg, sampler, n=n, max_lag=max_lag)

@@ -12,7 +12,8 @@ Invariants kept here:
   request, in request order, and `update()` checks the prompt, phase and size of each;
 - plan() and update() strictly alternate; a state saved between them re-issues the same call;
 - every generated sample ends up in exactly one place: an emitted batch, a buffer, a counted
-  rejection, a counted stale drop or a counted discarded surplus (`Tally`).
+  rejection, a counted stale drop (a whole group, or the samples trimmed off one) or a counted
+  discarded surplus (`Tally`).
 
 Deliberately left out: anything that talks to the engine, the grader or torch.distributed.
 """
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from megatron_speed.config.schema import CurriculumConfig
-from megatron_speed.curriculum.rules import all_correct
+from megatron_speed.curriculum.rules import MIN_GROUP_SIZE, all_correct
 from megatron_speed.data.sampler import PromptSampler
 from megatron_speed.records import Completion, PromptRecord, RolloutGroup, SampleRequest
 
@@ -71,8 +72,9 @@ class Tally:
     rejected_all_wrong: int = 0
     samples_generated: int = 0
     samples_rejected: int = 0
-    groups_stale: int = 0
-    samples_stale: int = 0
+    groups_stale: int = 0  # whole groups dropped as too old
+    samples_stale: int = 0  # their samples, plus those trimmed off groups that still train
+    groups_trimmed: int = 0  # groups that lost samples older than `max_lag` and kept the rest
     groups_discarded: int = 0  # kept groups dropped after a batch was emitted (DAPO "discard" surplus)
     samples_discarded: int = 0
     groups_emitted: int = 0
@@ -196,6 +198,7 @@ class BufferedCurriculum:
                "curriculum/calls_for_batch": float(last.calls_for_batch),
                "curriculum/dropped_stale_groups": float(t.groups_stale),
                "curriculum/dropped_stale_samples": float(t.samples_stale),
+               "curriculum/trimmed_stale_groups": float(t.groups_trimmed),
                "curriculum/discarded_surplus_groups": float(t.groups_discarded),
                "curriculum/samples_generated": float(t.samples_generated),
                "curriculum/samples_rejected": float(t.samples_rejected),
@@ -286,24 +289,49 @@ class BufferedCurriculum:
     # ------------------------------------------------------------------ internals
 
     def _drop_stale(self) -> None:
-        """Drop ready groups whose oldest sample is more than `curriculum.max_staleness` versions old,
-        or (disaggregated, `max_lag` >= 1) more than `max_lag` versions older than the weights the next
-        batch trains: batch k of the run trains version k - 1, i.e. `tally.batches` before it is emitted.
+        """Apply both staleness bounds to the ready groups.
 
-        Age only grows while a group waits, so a group stale now would be stale when emitted.
+        `curriculum.max_staleness` (SPEED's own carry-over limit, upstream semantics) drops a whole
+        group whose oldest sample is more than that many versions older than the newest weights seen.
+        `max_lag` (a disaggregated run's `rollout.max_staleness` >= 1) is per sample: batch k of the
+        run trains version k - 1, i.e. `tally.batches` before it is emitted, and a sample more than
+        `max_lag` versions older than that is left out (`_within_lag`). Under a lagging engine a SPEED
+        group's screening samples come from the call before its continuation, so they are the ones
+        trimmed, and the group trains on its continuation.
+
+        Age only grows while a group waits, so a sample stale now would be stale when emitted.
         """
         limit, lag = self.cfg.max_staleness, self.max_lag
         if not limit and not lag:
             return
         kept: deque[tuple[int, RolloutGroup]] = deque()
         for request_id, group in self._ready:
-            too_old = bool(limit) and self._version - group.policy_version > limit
-            if too_old or (bool(lag) and self.tally.batches - group.policy_version > lag):
+            fresh = None if limit and self._version - group.policy_version > limit else self._within_lag(group)
+            if fresh is None:
                 self.tally.groups_stale += 1
                 self.tally.samples_stale += len(group.completions)
             else:
-                kept.append((request_id, group))
+                kept.append((request_id, fresh))
         self._ready = kept
+
+    def _within_lag(self, group: RolloutGroup) -> RolloutGroup | None:
+        """`group` without its samples more than `max_lag` versions older than the next batch's weights:
+        the group itself when none is (or `max_lag` is 0), None when fewer than `MIN_GROUP_SIZE` would
+        remain (the caller drops it whole). A trimmed group keeps its samples' order and rewards, and
+        its `policy_version` becomes its oldest remaining sample's; the trimmed samples are counted."""
+        if not self.max_lag:
+            return group
+        oldest = self.tally.batches - self.max_lag
+        keep = [i for i, c in enumerate(group.completions) if c.policy_version >= oldest]
+        if len(keep) == len(group.completions):
+            return group
+        if len(keep) < MIN_GROUP_SIZE:
+            return None
+        self.tally.groups_trimmed += 1
+        self.tally.samples_stale += len(group.completions) - len(keep)
+        completions = [group.completions[i] for i in keep]
+        return dataclasses.replace(group, completions=completions, rewards=[group.rewards[i] for i in keep],
+                                   policy_version=min(c.policy_version for c in completions))
 
     def _emit(self) -> list[RolloutGroup] | None:
         """The oldest `prompts_per_step` ready groups (FIFO), or None while fewer are ready."""

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+MIN_GROUP_SIZE = 2
+"""The fewest responses a trained group may have: a leave-one-out or group-normalised baseline needs
+another sample of the same prompt, and one response has no reward spread."""
+
 
 def pass_count(rewards: Sequence[float]) -> int:
     """How many responses of the group are correct (reward > 0)."""
@@ -29,7 +33,7 @@ def has_reward_spread(rewards: Sequence[float]) -> bool:
     Unlike verl, a group of one response is not kept: it has no spread, and a leave-one-out or
     group-normalised advantage would be zero or undefined for it.
     """
-    return len(rewards) >= 2 and max(rewards) != min(rewards)
+    return len(rewards) >= MIN_GROUP_SIZE and max(rewards) != min(rewards)
 
 
 def all_correct(rewards: Sequence[float]) -> bool:

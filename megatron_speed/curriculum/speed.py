@@ -13,9 +13,13 @@ Differences from the reference code, on purpose: phases are carried by the reque
 from the group size, so `n_continue == n_init` works; every accepted prompt is continued in the
 very next call (no "multiple of #GPUs" leftovers); no sampler batch is ever skipped; the same
 prompt drawn twice is two draws with their own request ids. Mixed-policy groups are kept (as the
-paper does); `max_staleness` bounds how old they may get. A group continued in the call right after
-its screening is usually 1 version old when emitted (a train step sat in between), so
-`max_staleness=1` keeps the steady state and drops only surplus that waited longer.
+paper does); `curriculum.max_staleness` bounds how old they may get (whole groups). A group continued
+in the call right after its screening is usually 1 version old when emitted (a train step sat in
+between), so `max_staleness=1` keeps the steady state and drops only surplus that waited longer.
+Under a disaggregated run's `rollout.max_staleness=N` (`max_lag`) with the engine a full lag ahead, a
+group's screening samples come from the call before its continuation, one version older: those more
+than N versions older than the weights they would train are left out (counted as stale samples, the
+group as trimmed) and the group trains on the rest (`BufferedCurriculum._within_lag`).
 
 Surplus control: while the ready buffer already holds a full train batch, a call screens no new
 prompts (it only continues the accepted ones, possibly an empty call, which the engine answers at

@@ -134,8 +134,9 @@ def _unpack_groups(packed: _Packed) -> tuple[list[RolloutGroup], dict[str, float
         completions = []
         for text, finish in zip(m["texts"], m["finish"]):
             token_ids = tuple(take(ints, next(ints)))
+            # One engine call generated the whole group: its version is every sample's.
             completions.append(Completion(token_ids=token_ids, logprobs=tuple(take(floats, next(ints))), text=text,
-                                          finish_reason=finish))
+                                          finish_reason=finish, policy_version=m["policy_version"]))
         assert len(completions) == n
         groups.append(RolloutGroup(prompt=PromptRecord(**m["prompt"]), prompt_token_ids=prompt_ids,
                                    completions=completions, phase=m["phase"], policy_version=m["policy_version"],

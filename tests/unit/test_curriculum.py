@@ -69,7 +69,7 @@ class FakeEngine:
             self.origin[sid] = Origin(request.prompt.uid, request.phase, serial, call, version, reward)
             length = 1 + sid % 3
             completions.append(Completion(token_ids=(sid,) * length, logprobs=(-0.5,) * length,
-                                          text=f"s{sid}", finish_reason="stop"))
+                                          text=f"s{sid}", finish_reason="stop", policy_version=version))
             rewards.append(reward)
         return RolloutGroup(prompt=request.prompt, prompt_token_ids=(1, 2, 3), completions=completions,
                             phase=request.phase, policy_version=version, rewards=rewards)

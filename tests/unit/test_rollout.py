@@ -310,7 +310,8 @@ def test_a_single_process_with_rollout_tp_gets_vllms_worker_processes() -> None:
 
 def test_groups_travel_as_tensors_and_json_and_come_back_equal() -> None:
     """What a replica leader sends (no pickle): ints, float64 and UTF-8 JSON rebuild the same groups, with
-    the engine's log-probs bit for bit, rewards, texts, finish reasons and unscored groups intact."""
+    the engine's log-probs bit for bit, rewards, texts, finish reasons, per-sample policy versions and
+    unscored groups intact."""
     import math
 
     from megatron_speed.records import Completion
@@ -319,8 +320,9 @@ def test_groups_travel_as_tensors_and_json_and_come_back_equal() -> None:
     prompt = PromptRecord(uid="é-1", prompt=" 12+7=", answer="19", source="toy")
     scored = RolloutGroup(prompt=prompt, prompt_token_ids=(5, 6, 7), phase="screen", policy_version=3,
                           completions=[Completion(token_ids=(1, 2), logprobs=(-0.1, -math.pi), text="\\boxed{19}",
-                                                  finish_reason="stop"),
-                                       Completion(token_ids=(), logprobs=(), text="", finish_reason="length")],
+                                                  finish_reason="stop", policy_version=3),
+                                       Completion(token_ids=(), logprobs=(), text="", finish_reason="length",
+                                                  policy_version=3)],
                           rewards=[1.0, 0.0])
     unscored = RolloutGroup(prompt=prompt, prompt_token_ids=(), completions=[])
     groups, faults = _unpack_groups(_pack_groups([scored, unscored], {"reward/timeouts": 2.0}))
