@@ -344,8 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             max_new_tokens=budget, tensor_parallel_size=args.tensor_parallel_size,
                             gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=kv_cache_gib(args),
                             seed=args.seed)
-    engine = VLLMEngine(args.model, rollout, max_model_len=max_len, seed=args.seed)
-    with RewardPool(args.grader, args.workers, args.grader_timeout) as pool:
+    with (VLLMEngine(args.model, rollout, max_model_len=max_len, seed=args.seed) as engine,
+          RewardPool(args.grader, args.workers, args.grader_timeout) as pool):
         report = evaluate_sets(engine, pool, records, k=args.k, temperature=args.temperature, top_p=args.top_p,
                                pass_ks=args.pass_at, greedy=not args.no_greedy, k_by_set=args.k_by_set)
     result = {"model": str(args.model), "data": [f for f in args.data.split(",") if f],
