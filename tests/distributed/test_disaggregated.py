@@ -34,6 +34,7 @@ import pytest
 import torch
 
 from megatron_speed.checkpoint.layout import latest_complete, step_name
+from megatron_speed.checkpoint.resume import checkpoint_step
 from megatron_speed.checkpoint.trainer_state import rank_file
 from megatron_speed.data.sampler import PromptSampler
 from megatron_speed.records import PromptRecord
@@ -173,15 +174,18 @@ def _held(state: dict) -> list[str]:
 
 
 def test_kill_and_resume_with_speed_loses_and_repeats_no_prompt(out: Path) -> None:
-    steps = 4
+    steps = 6
     overrides = [*_base(out, "resume_speed"), *_speed(steps), "run.save_every=2", "eval.every=0", *DISAGGREGATED,
                  "rollout.max_staleness=1"]
     run_dir = out / "resume_speed"
+    # The kill lands a poll after step 3 is logged, so under load the trainer may have got further
+    # (and saved step 4): what matters is that deliveries went past the checkpoint resumed from.
     killed_at = _kill_after(_torchrun(2, 29666, overrides), run_dir / "trained.jsonl", 3)
     saved = latest_complete(run_dir / "checkpoints")
-    assert saved is not None and saved.name == step_name(2) and killed_at == 3  # engine deliveries > saved step
+    assert saved is not None and saved.name in (step_name(2), step_name(4))
+    assert checkpoint_step(saved) < killed_at < steps  # engine deliveries > saved step; the run was cut short
     assert _held(_curriculum(saved)), "no SPEED group was buffered or awaiting its continuation at the checkpoint"
-    _run(2, 29667, overrides)  # run.resume=auto: step 2
+    _run(2, 29667, overrides)  # run.resume=auto: the saved step
     ledger = _rows(run_dir, "trained.jsonl")
     assert [row["step"] for row in ledger] == list(range(1, steps + 1))
     assert max(a for row in ledger for a in row["staleness"]) <= 1
